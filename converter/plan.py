@@ -1,0 +1,40 @@
+"""The currency of the pipeline: planned tensors.
+
+A sink never sees the source. It receives an ordered list of
+:class:`PlannedTensor`, each knowing its final name, shape and dtype *before* any
+data is read (so a file header can be planned up front) and a ``produce`` callable
+that reads the few source tensors it needs, transforms them and returns the
+result. Memory therefore stays bounded by the largest tensor group being produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor: where it goes, what it will look like, how to make it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+TensorPlan = list[PlannedTensor]
+
+
+def plan_nbytes(plan: Iterable[PlannedTensor]) -> int:
+    """Total bytes the plan will produce (upper bound for quantized state blobs)."""
+    return sum(p.nbytes for p in plan)

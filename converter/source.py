@@ -1,0 +1,208 @@
+"""Lazy, tensor-by-tensor access to a checkpoint's weights.
+
+Headers are read and validated up front (dtype, shape, offsets within the file, index
+entries inside the checkpoint folder), so a truncated or tampered file fails with a
+three-line error before any work; tensor data is read only when asked for, one name
+at a time, through ``safetensors.safe_open``. Legacy pickle checkpoints are read only
+with ``torch.load(weights_only=True, mmap=True)``: no arbitrary code can run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import fail
+from .run import SEE_LOADING
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors header without reading tensor data."""
+    size = path.stat().st_size
+    bad = lambda why: fail(  # noqa: E731
+        f"read {path.name}: {why}",
+        f"the file is corrupt or truncated; re-copy or re-save {path}.",
+        SEE_LOADING,
+    )
+    if size < 8:
+        raise bad("the file is shorter than a safetensors header")
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > MAX_HEADER or 8 + n > size:
+            raise bad(f"the header claims {n} bytes but the file has {size}")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise bad("the header is not valid JSON") from None
+    data_size = size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise bad(f"tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(x) for x in entry["data_offsets"])
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end > data_size or end - begin != numel * torch.empty((), dtype=dtype).element_size():
+            raise bad(f"tensor {name!r} lies outside the file or has the wrong length (truncated?)")
+        out[name] = TensorInfo(name, shape, dtype, path)
+    return out
+
+
+class TensorSource:
+    """Named tensors of one checkpoint folder, read on demand."""
+
+    def __init__(self, checkpoint_dir: Path, weights_prefix: str = "model") -> None:
+        self.dir = Path(checkpoint_dir)
+        self.infos: dict[str, TensorInfo] = {}
+        self._stack = ExitStack()
+        self._handles: dict[Path, object] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        files = self._weight_files(weights_prefix)
+        for f in files:
+            infos = read_safetensors_header(f) if f.suffix == ".safetensors" else self._pickle_infos(f)
+            for name, info in infos.items():
+                if name in self.infos:
+                    raise fail(
+                        f"read {self.dir.name}: tensor {name!r} appears in both {self.infos[name].file.name} and {f.name}",
+                        "re-save the checkpoint; shards must not overlap.",
+                        SEE_LOADING,
+                    )
+                self.infos[name] = info
+        self.files = files
+
+    # -- discovery -------------------------------------------------------------
+    def _weight_files(self, prefix: str) -> list[Path]:
+        d = self.dir
+        single = d / f"{prefix}.safetensors"
+        index = d / f"{prefix}.safetensors.index.json"
+        if prefix == "model":
+            legacy_single, legacy_index = d / "pytorch_model.bin", d / "pytorch_model.bin.index.json"
+        else:
+            legacy_single, legacy_index = d / f"{prefix}.bin", d / f"{prefix}.bin.index.json"
+        if single.is_file():
+            return [single]
+        if index.is_file():
+            return self._index_files(index)
+        if legacy_single.is_file():
+            return [legacy_single]
+        if legacy_index.is_file():
+            return self._index_files(legacy_index)
+        raise fail(
+            f"find weights in {d.name}: no {prefix}.safetensors, sharded index or pytorch_model.bin",
+            "point at a checkpoint folder that holds the saved weights.",
+            SEE_LOADING,
+        )
+
+    def _index_files(self, index: Path) -> list[Path]:
+        from .run import read_json
+
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise fail(f"read {index.name}: it has no weight_map", f"re-save the checkpoint in {self.dir}.", SEE_LOADING)
+        root = self.dir.resolve()
+        files: list[Path] = []
+        for shard in dict.fromkeys(weight_map.values()):
+            p = (self.dir / shard).resolve()
+            if p.parent != root:
+                raise fail(
+                    f"read {index.name}: shard {shard!r} points outside the checkpoint folder",
+                    "refusing to read it; re-save the checkpoint with shards beside the index.",
+                    SEE_LOADING,
+                )
+            if not p.is_file():
+                raise fail(
+                    f"read {index.name}: shard {shard} is missing",
+                    f"copy the missing shard into {self.dir}.",
+                    SEE_LOADING,
+                )
+            files.append(p)
+        return files
+
+    def _pickle_infos(self, path: Path) -> dict[str, TensorInfo]:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # pickle that needs more than plain tensors
+            raise fail(
+                f"read legacy checkpoint {path.name} safely: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}",
+                "only plain tensor pickles are read (weights_only=True); re-save the checkpoint as safetensors.",
+                SEE_LOADING,
+            ) from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise fail(
+                f"read legacy checkpoint {path.name}: it is not a flat dict of tensors",
+                "re-save the checkpoint as safetensors.",
+                SEE_LOADING,
+            )
+        self._pickled[path] = sd
+        return {k: TensorInfo(k, tuple(v.shape), v.dtype, path) for k, v in sd.items()}
+
+    # -- access ----------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.infos[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.infos[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor from disk (the only place tensor data is read)."""
+        info = self.infos[name]
+        if info.file in self._pickled:
+            return self._pickled[info.file][name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = self._stack.enter_context(safe_open(os.fspath(info.file), framework="pt", device="cpu"))
+            self._handles[info.file] = handle
+        return handle.get_tensor(name)
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+        self._pickled.clear()
+
+    def __enter__(self) -> "TensorSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
