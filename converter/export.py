@@ -1,0 +1,486 @@
+"""Export: the file sink of the pipeline, written atomically and checked for parity.
+
+Order of work, so that nothing is lost or half-written:
+1. :func:`prepare` runs every check (inputs, options, template, disk space, --out
+   collisions, Hub credentials) and reads no tensor data;
+2. weights are streamed into a temporary folder beside --out, then config, tokenizer,
+   card and efexport.json, all fsynced;
+3. parity is measured on the temporary folder; an fp export beyond tolerance stops here;
+4. the folder is renamed into place (an old artifact replaced only now, with --force).
+On any error, Ctrl-C or SIGTERM the temporary folder is removed and --out is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import __version__
+from .errors import fail
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_entries
+from .pipeline import TOKENIZER_FILES, Pipeline, open_pipeline
+from .plan import TensorPlan, plan_nbytes
+from .precision import bnb_config, check_precision, quantization_record, require_bitsandbytes
+
+SEE = "docs: README.md#exporting"
+FORMATS = ("hf", "gguf", "peft")
+TMP_MARK = ".efexport-tmp-"
+
+
+@dataclass
+class ExportOptions:
+    run: str
+    out: Path
+    checkpoint: str = "final"
+    precision: str | None = None
+    fmt: str = "hf"
+    moe_layout: str | None = None
+    max_shard_size: str = "5GB"
+    template: Path | None = None
+    force: bool = False
+    dry_run: bool = False
+    verify: bool = True
+    base_model: str | None = None
+    license: str | None = None
+    name: str | None = None
+    push: dict[str, Any] | None = None  # {"repo_id", "token", "endpoint", "private", "revision", "commit_message"}
+    progress: bool = True
+
+
+@dataclass
+class Prepared:
+    opts: ExportOptions
+    pipe: Pipeline
+    plan: TensorPlan
+    template: Any
+    planned_bytes: int
+    hub_api: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        run, t = self.pipe.run, self.pipe.target
+        return {
+            "run": str(self.opts.run), "out": str(self.opts.out), "path_type": run.path_type,
+            "checkpoint": run.checkpoint, "checkpoint_dir": run.checkpoint_dir.name,
+            "strategy": self.pipe.injection.strategy, "backbone": run.backbone, "format": self.opts.fmt,
+            "layout": t.layout if self.opts.fmt == "hf" else {"gguf": "gguf", "peft": "peft_adapter"}[self.opts.fmt],
+            "architecture": t.architecture, "precision": self.opts.precision, "tensors": len(self.plan),
+            "planned_bytes": self.planned_bytes, "max_shard_size": self.opts.max_shard_size,
+        }
+
+
+# -- 1. checks -------------------------------------------------------------------------
+def prepare(opts: ExportOptions) -> Prepared:
+    """Every check before the first byte is written; raises EfexportError."""
+    from .card import load_template
+    from .safetensors_sink import parse_size
+
+    if opts.fmt not in FORMATS:
+        raise fail(f"export format {opts.fmt!r}", f"pass --format {'|'.join(FORMATS)}.", SEE)
+    if opts.fmt == "hf":
+        opts.precision = check_precision(opts.precision)
+        require_bitsandbytes(opts.precision)
+    parse_size(opts.max_shard_size)
+    template = load_template(opts.template)
+    out = Path(opts.out).expanduser().resolve()
+    opts.out = out
+    _check_out(out, opts.force)
+    pipe = open_pipeline(opts.run, opts.checkpoint, moe_layout=opts.moe_layout, base_model=opts.base_model)
+    try:
+        if opts.fmt == "gguf":
+            plan = _prepare_gguf(opts, pipe)
+        elif opts.fmt == "peft":
+            from .peft_sink import check_peft_export
+
+            plan = check_peft_export(pipe)
+        else:
+            plan = pipe.planned(opts.precision)
+        planned = plan_nbytes(plan)
+        _check_disk(out.parent, planned * (2 if opts.fmt == "gguf" else 1))
+        prepared = Prepared(opts, pipe, plan, template, planned)
+        if opts.push:
+            from .hub import preflight
+
+            prepared.hub_api = preflight(**{k: opts.push.get(k) for k in ("repo_id", "token", "endpoint", "private", "revision")})
+        return prepared
+    except BaseException:
+        pipe.close()
+        raise
+
+
+def _prepare_gguf(opts: ExportOptions, pipe: Pipeline) -> TensorPlan:
+    from .gguf_sink import check_gguf_request
+
+    tok = pipe.tokenizer_dir()
+    if tok is None:
+        raise fail("write GGUF: the run has no tokenizer files", "add tokenizer.json to the checkpoint folder.", SEE)
+    if pipe.target.layout == "compact":
+        raise fail(
+            f"write {pipe.injection.strategy} on {pipe.run.backbone or 'this backbone'} as GGUF: llama.cpp has no architecture for its structure",
+            "export --format hf (compact layout, loads with the runtime loader), or a dense/native-MoE run.",
+            SEE,
+        )
+    check_gguf_request(pipe.target.hf_config, opts.precision or _source_gguf_type(pipe), tok)
+    return pipe.target.plan
+
+
+def _source_gguf_type(pipe: Pipeline) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(pipe.source_dtype(), "fp32")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise fail(f"write to {out}: it is a file", "pass --out a folder path.", SEE)
+        if any(out.iterdir()):
+            if not force:
+                raise fail(f"write to {out}: the folder exists and is not empty",
+                           "pass --force to replace it (the old one stays until the new one is complete), or choose another --out.", SEE)
+            if not (out / MANIFEST).is_file():
+                raise fail(f"replace {out}: it is not an efexport artifact (no {MANIFEST}), so --force will not delete it",
+                           "choose another --out, or empty the folder yourself.", SEE)
+    if not out.parent.exists():
+        raise fail(f"write to {out}: the parent folder {out.parent} does not exist", "create it first, or choose another --out.", SEE)
+    if not os.access(out.parent, os.W_OK):
+        raise fail(f"write to {out.parent}: permission denied", "choose an --out you can write to.", SEE)
+
+
+def _check_disk(folder: Path, planned: int) -> None:
+    free = shutil.disk_usage(folder).free
+    need = int(planned * 1.05) + 64 * 1024 * 1024
+    if free < need:
+        raise fail(f"export here: about {need / 1e9:.2f} GB is needed but {free / 1e9:.2f} GB is free on {folder}",
+                   "free some disk space, or pass --out on a larger disk.", SEE)
+
+
+# -- 2./3./4. writing --------------------------------------------------------------------
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so cleanup runs on `kill` too."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def clean_stale(out: Path) -> None:
+    """Temporary folders left by a killed export (kill -9) of the same --out."""
+    for p in out.parent.glob(f".{out.name}{TMP_MARK}*"):
+        pid = p.name.rsplit("-", 2)[-2] if p.name.count("-") >= 2 else ""
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _progress(total: int, desc: str, enabled: bool, unit: str = "B"):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=None if enabled else True,
+                leave=False, dynamic_ncols=True)
+
+
+def run_export(prepared: Prepared) -> dict[str, Any]:
+    """Write, check, and move the artifact into place; returns the efexport.json record."""
+    opts, pipe = prepared.opts, prepared.pipe
+    out = opts.out
+    clean_stale(out)
+    tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    started = time.time()
+    try:
+        with _sigterm_as_interrupt():
+            tmp.mkdir()
+            if opts.fmt == "gguf":
+                record = _write_gguf(prepared, tmp)
+            elif opts.fmt == "peft":
+                from .peft_sink import write_peft
+
+                record = _finish(prepared, tmp, write_peft(prepared, tmp))
+            else:
+                record = _write_hf(prepared, tmp)
+            _fsync_tree(tmp)
+            _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        pipe.close()
+    record["_seconds"] = round(time.time() - started, 2)
+    return record
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        old = out.parent / f".{out.name}{TMP_MARK}old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+
+
+def _write_hf(prepared: Prepared, tmp: Path) -> dict[str, Any]:
+    from .safetensors_sink import parse_size, write_safetensors
+
+    opts, pipe = prepared.opts, prepared.pipe
+    with _progress(prepared.planned_bytes, "export", opts.progress) as bar:
+        write_safetensors(prepared.plan, tmp, parse_size(opts.max_shard_size), lambda t, n: bar.update(n))
+    config = _artifact_config(pipe, opts.precision)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if pipe.target.layout == "compact":
+        (tmp / "modeling_efexport.py").write_text(remote_code_source(pipe.target.hf_config))
+    _copy_side_files(pipe, tmp)
+    parity = _hf_parity(prepared, tmp) if opts.verify else {"skipped": "--no-verify", "reference": "source run, float32"}
+    from .parity import within_tolerance
+
+    if not within_tolerance(parity, opts.precision, pipe.source_dtype() == torch.float32):
+        raise fail(
+            f"keep this export: its logits differ from the source by {parity['max_abs_logit_diff']:.3g} "
+            f"(max |logit| {parity['max_abs_logit']:.3g}), beyond the {opts.precision or 'source-dtype'} tolerance",
+            "report this as a bug with `efexport inspect RUN --json`; nothing was written to --out.",
+            SEE,
+        )
+    return _finish(prepared, tmp, {"layout": pipe.target.layout, "parity": parity})
+
+
+def _artifact_config(pipe: Pipeline, precision: str | None) -> dict[str, Any]:
+    from .layouts import SKIP_QUANT
+
+    config = dict(pipe.target.hf_config)
+    config.pop("transformers_version", None)
+    config.pop("torch_dtype", None)
+    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int4": "bfloat16", "int8": "bfloat16"}
+    config["dtype"] = dtype.get(precision or "", str(pipe.source_dtype()).removeprefix("torch."))
+    if precision in ("int4", "int8"):
+        skip = list(SKIP_QUANT) if pipe.target.layout == "compact" else None
+        config["quantization_config"] = bnb_config(precision, skip)
+    if pipe.target.layout == "compact":
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_efexport.EfexportForCausalLM"}
+    return config
+
+
+def remote_code_source(hf_config: dict[str, Any]) -> str:
+    """modeling_efexport.py: converter/modules.py verbatim plus a generated model class."""
+    from importlib import resources
+
+    base = (hf_config.get("architectures") or ["AutoModelForCausalLM"])[0]
+    source = resources.files("converter").joinpath("modules.py").read_text(encoding="utf-8")
+    footer = f'''
+
+# ---- generated by efexport {__version__}: the class trust_remote_code loads ----
+from transformers import {base} as _EfexportBase
+
+
+class EfexportForCausalLM(_EfexportBase):
+    """{base} with the run's structure (see apply_structure above)."""
+
+    _keep_in_fp32_modules = ["router", "lora_A", "lora_B"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_structure(self, getattr(config, STRUCTURE_KEY))
+        self.post_init()
+'''
+    return source + footer
+
+
+def _copy_side_files(pipe: Pipeline, tmp: Path) -> None:
+    tok = pipe.tokenizer_dir()
+    if tok is not None:
+        for name in TOKENIZER_FILES:
+            if (tok / name).is_file():
+                shutil.copy2(tok / name, tmp / name)
+    for d in (pipe.run.checkpoint_dir, pipe.run.extras.get("base_dir")):
+        if d is not None and (Path(d) / "generation_config.json").is_file():
+            shutil.copy2(Path(d) / "generation_config.json", tmp / "generation_config.json")
+            break
+
+
+def _hf_parity(prepared: Prepared, tmp: Path) -> dict[str, Any]:
+    from .loader import load_model
+    from .parity import run_parity
+    from .runtime import load_weights
+
+    opts, layout = prepared.opts, prepared.pipe.target.layout
+    return run_parity(
+        lambda: load_model(opts.run, checkpoint=opts.checkpoint, device="cpu", dtype="float32", base_model=opts.base_model),
+        lambda: load_weights(tmp, layout, opts.precision, torch.device("cpu"), None),
+        num_parameters=_num_parameters(prepared.pipe), candidate_bytes=prepared.planned_bytes,
+    )
+
+
+def _write_gguf(prepared: Prepared, tmp: Path) -> dict[str, Any]:
+    from .gguf_sink import write_gguf, write_modelfile
+
+    opts, pipe = prepared.opts, prepared.pipe
+    gtype = opts.precision or _source_gguf_type(pipe)
+    name = opts.name or (pipe.run.run_name or pipe.run.checkpoint_dir.name)
+    filename = f"{name}-{gtype.upper()}.gguf"
+    tok = pipe.tokenizer_dir()
+    with _progress(prepared.planned_bytes, "gguf", opts.progress) as bar:
+        report = write_gguf(prepared.plan, pipe.target.hf_config, tok, tmp / filename, gtype, name=name,
+                            metadata={"base_model": pipe.run.base_model, "license": opts.license},
+                            progress=bar.update)
+    write_modelfile(tmp, filename, tok)
+    parity = _gguf_parity(prepared, tmp / filename) if opts.verify else {"skipped": "--no-verify"}
+    return _finish(prepared, tmp, {"layout": "gguf", "parity": parity, "precision": gtype, "gguf": report})
+
+
+def _gguf_parity(prepared: Prepared, gguf_file: Path) -> dict[str, Any]:
+    try:
+        import llama_cpp
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed (pip install 'efexport[gguf]')", "reference": "source run, float32"}
+    from .gguf_sink import llama_cpp_logits
+    from .loader import load_model
+    from .parity import compare, logits_of, probe_batches
+
+    opts = prepared.opts
+    loaded = load_model(opts.run, checkpoint=opts.checkpoint, device="cpu", dtype="float32", base_model=opts.base_model)
+    batches = probe_batches(loaded.tokenizer, loaded.model.config.get_text_config().vocab_size)
+    reference = logits_of(loaded.model, batches)
+    del loaded
+    candidate = [llama_cpp_logits(gguf_file, b[0].tolist()).unsqueeze(0) for b in batches]
+    return compare(reference, candidate, "source run, float32", engine=f"llama.cpp {llama_cpp.__version__}")
+
+
+def _num_parameters(pipe: Pipeline) -> int:
+    total = 0
+    for t in pipe.target.plan:
+        n = 1
+        for d in t.shape:
+            n *= d
+        total += n
+    return total
+
+
+def _finish(prepared: Prepared, tmp: Path, part: dict[str, Any]) -> dict[str, Any]:
+    """Card, then efexport.json over every other file."""
+    from .card import render_card
+
+    opts, pipe, run = prepared.opts, prepared.pipe, prepared.pipe.run
+    precision = part.pop("precision", opts.precision)
+    record: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "strategy": pipe.injection.strategy,
+        "layout": part["layout"],
+        "structure_preserved": part["layout"] in ("moe", "compact"),
+        "backbone": run.backbone or None,
+        "architecture": pipe.target.architecture or None,
+        "base_model": _public_base_model(run.base_model),
+        "precision": precision,
+        "quantization": quantization_record(precision) if opts.fmt == "hf" else None,
+        "lora_config": pipe.injection.lora_config,
+        "num_parameters": _num_parameters(pipe),
+        "source": {
+            "kind": run.source_kind,
+            "run_name": run.run_name,
+            "checkpoint": run.checkpoint,
+            "step": run.step,
+            "weights_sha256": _weights_digest(pipe),
+        },
+        "files": {},
+        "parity": part.get("parity"),
+        "created_with": _versions(),
+    }
+    if "gguf" in part:
+        record["gguf"] = {k: v for k, v in part["gguf"].items() if k in ("arch", "tensors", "file_type")}
+    record["files"] = file_entries(tmp)
+    repo_ref = (opts.push or {}).get("repo_id") or opts.out.name
+    card = render_card(prepared.template, record, license=opts.license, repo_ref=repo_ref)
+    (tmp / "README.md").write_text(card, encoding="utf-8")
+    record["files"] = file_entries(tmp)
+    (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
+
+
+def _public_base_model(base: str | None) -> str | None:
+    """Hub ids are kept; a local absolute path is never written into an artifact."""
+    if not base:
+        return None
+    return None if os.path.isabs(base) or base.startswith(("~", ".")) else base
+
+
+def _weights_digest(pipe: Pipeline) -> str:
+    """sha256 over the source weight files' sha256s: identifies exactly which weights were exported."""
+    import hashlib
+
+    from .manifest import sha256_file
+
+    h = hashlib.sha256()
+    for f in sorted(pipe.source.files):
+        h.update(f.name.encode() + b"\0" + sha256_file(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str | None]:
+    import transformers
+
+    out: dict[str, str | None] = {"efexport": __version__, "torch": torch.__version__.split("+")[0],
+                                  "transformers": transformers.__version__}
+    try:
+        import bitsandbytes
+
+        out["bitsandbytes"] = bitsandbytes.__version__
+    except Exception:
+        out["bitsandbytes"] = None
+    return out
+
+
+def export(opts: ExportOptions) -> dict[str, Any]:
+    """Check, then write. The API behind `efexport RUN --out DIR`."""
+    prepared = prepare(opts)
+    if opts.dry_run:
+        prepared.pipe.close()
+        return {"dry_run": True, **prepared.summary()}
+    record = run_export(prepared)
+    if opts.push:
+        from .hub import push_artifact
+
+        result = push_artifact(opts.out, opts.push["repo_id"], api=prepared.hub_api,
+                               **{k: opts.push.get(k) for k in ("revision", "commit_message", "private")})
+        record["_push"] = {"repo_id": result.repo_id, "url": result.url, "commit_id": result.commit_id,
+                           "revision": result.revision}
+    return record

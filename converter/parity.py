@@ -1,0 +1,101 @@
+"""Parity check: the artifact's logits against the source run loaded in float32.
+
+Probe prompts come from the tokenizer (chat template when it has one), so the check
+exercises the same tokens users will send.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+
+PROBES = (
+    "What is the capital of South Korea?",
+    "Write a haiku about exporting models.",
+    "def fibonacci(n):",
+    "Translate to French: the weights are ready.",
+)
+
+
+def probe_batches(tokenizer: Any, vocab_size: int, max_len: int = 24) -> list[torch.Tensor]:
+    """One [1, T] id tensor per probe prompt (seeded random ids when there is no tokenizer)."""
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(0)
+        return [torch.randint(0, vocab_size, (1, 12), generator=g) for _ in PROBES]
+    out = []
+    for text in PROBES:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_len]
+        out.append(ids.clamp(max=vocab_size - 1))
+    return out
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [model(input_ids=b.to(device)).logits.float().cpu() for b in batches]
+
+
+def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor], reference_name: str,
+            engine: str | None = None) -> dict[str, Any]:
+    diffs = [(r - c).abs().max().item() for r, c in zip(reference, candidate)]
+    agree = torch.cat([(r.argmax(-1) == c.argmax(-1)).flatten() for r, c in zip(reference, candidate)])
+    scale = max(r.abs().max().item() for r in reference)
+    result = {
+        "prompts": len(reference),
+        "max_abs_logit_diff": max(diffs),
+        "max_abs_logit": scale,
+        "top1_agreement": agree.float().mean().item(),
+        "reference": reference_name,
+    }
+    if engine:
+        result["engine"] = engine
+    return result
+
+
+# Gates that catch a broken export (a wrong permutation or merge gives rel. diff ~1 and
+# random top-1), not rounding: fp32 must match to float error; a half-precision cast may
+# flip a near-tied router choice on tiny models, so it is judged by relative diff and top-1.
+# Quantized exports are recorded, not gated.
+TOLERANCE = {"fp32": (1e-4, 1.0), "fp16": (0.25, 0.8), "bf16": (0.25, 0.8)}
+
+
+def within_tolerance(parity: dict[str, Any], precision: str | None, source_is_fp32: bool) -> bool:
+    if "skipped" in parity or precision in ("int4", "int8"):
+        return True
+    key = precision or ("fp32" if source_is_fp32 else "bf16")
+    rel, top1 = TOLERANCE.get(key, TOLERANCE["bf16"])
+    return (parity["max_abs_logit_diff"] <= rel * max(1.0, parity["max_abs_logit"])
+            and parity["top1_agreement"] >= top1)
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux MemAvailable; else physical memory)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def run_parity(load_reference: Callable[[], Any], load_candidate: Callable[[], Any], *, num_parameters: int,
+               candidate_bytes: int, reference_name: str = "source run, float32") -> dict[str, Any]:
+    """Load the reference, take its logits, free it, then the candidate; skip (saying why) if it cannot fit."""
+    need = max(num_parameters * 4, candidate_bytes) * 1.3
+    have = available_memory()
+    if need > have:
+        return {"skipped": f"needs about {need / 1e9:.1f} GB of memory to compare, {have / 1e9:.1f} GB available",
+                "reference": reference_name}
+    loaded = load_reference()
+    batches = probe_batches(loaded.tokenizer, loaded.model.config.get_text_config().vocab_size)
+    reference = logits_of(loaded.model, batches)
+    del loaded
+    candidate = load_candidate()
+    return compare(reference, logits_of(candidate, batches), reference_name)

@@ -1,0 +1,126 @@
+"""Runtime loader for efexport artifacts: ``load_artifact(DIR)``.
+
+Import-light on purpose: torch, safetensors and transformers only; bitsandbytes only
+when the artifact is quantized; huggingface_hub only when given a Hub repo id. It never
+imports click, jinja2 or peft, so it can ship inside a serving image as it is.
+
+Every file is checked against efexport.json (size and sha256) before anything is
+loaded. ``dense`` and ``moe`` layouts load through ``AutoModelForCausalLM``;
+``compact`` layouts are built from efexport's own module code (never
+``trust_remote_code``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import fail
+from .loader import LoadedModel, ModelMetadata, load_tokenizer, resolve_device, resolve_float_dtype
+from .manifest import read_manifest, verify_files
+
+SEE = "docs: README.md#loading-an-artifact"
+HF_LAYOUTS = ("dense", "moe", "compact")
+
+
+def _local_folder(path: str | Path, revision: str | None, token: str | None) -> Path:
+    """A local folder as is; 'owner/name' that is not a folder is fetched from the Hub."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p.resolve()
+    text = str(path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        from .hub import download_artifact  # imports huggingface_hub, only here
+
+        return download_artifact(text, revision=revision, token=token)
+    raise fail(f"load artifact {path}: no such folder", "pass the --out folder of an efexport export, or a Hub repo id.", SEE)
+
+
+def _quantized_modules(source: Any) -> tuple[str | None, set[str]]:
+    """Which Linears of a compact artifact hold bitsandbytes tensors, and how."""
+    nf4 = {n[: -len(".quant_state.bitsandbytes__nf4")] for n in source.names if n.endswith(".quant_state.bitsandbytes__nf4")}
+    if nf4:
+        return "int4", nf4
+    int8 = {n[: -len("SCB")] + "weight" for n in source.names if n.endswith(".SCB")}
+    return ("int8", int8) if int8 else (None, set())
+
+
+def _load_compact(folder: Path, config: dict[str, Any], float_dtype: torch.dtype | None) -> torch.nn.Module:
+    """Rebuild the run's structure from converter.modules and stream the tensors in."""
+    from .model_sink import build_model
+    from .modules import STRUCTURE_KEY
+    from .plan import PlannedTensor
+    from .source import TensorSource
+
+    config = {k: v for k, v in config.items() if k not in ("quantization_config", "auto_map")}
+    with TensorSource(folder) as source:
+        precision, quantized = _quantized_modules(source)
+        if precision is not None:
+            import bitsandbytes  # noqa: F401  (only quantized artifacts need it)
+        plan = []
+        for name in source.names:
+            cast = (float_dtype is not None and source.dtype(name).is_floating_point
+                    and not _is_quant_tensor(name, quantized))
+            plan.append(PlannedTensor(name, source.shape(name), float_dtype if cast else source.dtype(name),
+                                      (lambda n=name, c=cast: source.get(n).to(float_dtype) if c else source.get(n))))
+        return build_model(config, config[STRUCTURE_KEY], plan, precision, quantized)
+
+
+def _is_quant_tensor(name: str, quantized: set[str]) -> bool:
+    module = name.rsplit(".weight", 1)[0] if ".weight" in name else name.rsplit(".", 1)[0]
+    return f"{module}.weight" in quantized
+
+
+def load_weights(folder: Path, layout: str, precision: str | None, dev: torch.device,
+                 float_dtype: torch.dtype | None) -> torch.nn.Module:
+    """The model of an artifact folder (no checks): transformers for dense/moe, our modules for compact."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    if layout == "compact":
+        return _load_compact(folder, config, float_dtype).to(dev)
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": float_dtype or "auto"}
+    if precision in ("int4", "int8"):
+        kwargs["device_map"] = str(dev)
+        return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).to(dev)
+
+
+def load_artifact(
+    path: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    verify: bool = True,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+) -> LoadedModel:
+    """Load an exported artifact (folder or Hub repo id), verified, in eval mode."""
+    folder = _local_folder(path, revision, token)
+    manifest = read_manifest(folder)
+    layout = manifest.get("layout")
+    if layout not in HF_LAYOUTS:
+        raise fail(
+            f"load a {layout!r} artifact with the runtime loader",
+            "GGUF artifacts load in llama.cpp / Ollama / LM Studio; PEFT adapters with PeftModel.from_pretrained(base, DIR).",
+            SEE,
+        )
+    if verify:
+        verify_files(folder, manifest)
+    model = load_weights(folder, layout, manifest.get("precision"), resolve_device(device),
+                         resolve_float_dtype(dtype, None))
+    precision = manifest.get("precision")
+    meta = ModelMetadata(
+        strategy=manifest.get("strategy") or "none",
+        backbone=manifest.get("backbone") or "",
+        path_type="artifact",
+        checkpoint_dir=str(folder),
+        lora_config=manifest.get("lora_config"),
+        structure_preserved=bool(manifest.get("structure_preserved")),
+        load_precision=precision,
+    )
+    return LoadedModel(model=model.eval(), tokenizer=load_tokenizer(folder), metadata=meta)
