@@ -624,18 +624,52 @@ def _nbytes(shape: tuple[int, ...], qtype) -> int:
     return n // block * tsize
 
 
-def _encode(t: torch.Tensor, qtype) -> np.ndarray:
-    import gguf
+_CHUNK_ELEMS = 4 * 1024 * 1024  # rows are encoded in chunks of about 16 MB of float32
 
-    Q = gguf.GGMLQuantizationType
-    t = t.detach().to("cpu")
-    if qtype == Q.F32:
-        return t.to(torch.float32).contiguous().numpy()
-    if qtype == Q.F16:
-        return t.to(torch.float32).contiguous().numpy().astype(np.float16)
-    if qtype == Q.BF16:
-        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
-    return gguf.quants.quantize(t.to(torch.float32).contiguous().numpy(), qtype)
+
+class _EncodedTensor:
+    """One tensor's GGML bytes, encoded and written chunk by chunk.
+
+    ``GGUFWriter.write_tensor_data`` only needs ``nbytes`` and ``tofile``; handing it
+    this object instead of a full array means neither the whole float32 copy nor the
+    whole encoded array has to exist next to the source tensor.
+    """
+
+    def __init__(self, t: torch.Tensor, qtype) -> None:
+        self.t, self.qtype = t, qtype
+        self.nbytes = _nbytes(tuple(t.shape), qtype)
+
+    def _chunks(self) -> Iterable[np.ndarray]:
+        import gguf
+
+        Q = gguf.GGMLQuantizationType
+        t = self.t.detach().to("cpu")
+        rows = t.reshape(-1, t.shape[-1]) if t.ndim else t.reshape(1, 1)
+        step = max(1, _CHUNK_ELEMS // max(1, rows.shape[1]))
+        for r0 in range(0, rows.shape[0], step):
+            chunk = rows[r0:r0 + step]
+            if self.qtype == Q.BF16:
+                yield chunk.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+                continue
+            arr = chunk.to(torch.float32).contiguous().numpy()
+            if self.qtype == Q.F32:
+                yield arr
+            elif self.qtype == Q.F16:
+                yield arr.astype(np.float16)
+            else:
+                yield gguf.quants.quantize(arr, self.qtype)
+
+    def tofile(self, fout) -> None:
+        written = 0
+        for c in self._chunks():
+            c.tofile(fout)
+            written += c.nbytes
+        if written != self.nbytes:  # pragma: no cover - would be a bug in the type rules
+            raise RuntimeError(f"encoded {written} bytes, planned {self.nbytes}")
+
+    def numpy(self) -> np.ndarray:
+        """The whole encoded tensor (tests and small tensors)."""
+        return np.concatenate([c.reshape(-1).view(np.uint8) for c in self._chunks()])
 
 
 _EXPERT_PROJ = {
@@ -939,11 +973,10 @@ def _write_stream(outs: list[_Out], w, path: Path, progress: Callable[[int], Non
                 f"write GGUF tensor {o.name}: produced shape {tuple(t.shape)} differs from the planned {tuple(o.shape)}",
                 "report this as a bug in the export plan",
             )
-        data = _encode(t, o.qtype)
-        del t
-        w.write_tensor_data(data)
+        data = _EncodedTensor(t, o.qtype)
+        w.write_tensor_data(data)  # type: ignore[arg-type]  # duck-typed: nbytes + tofile
         progress(int(data.nbytes))
-        del data
+        del data, t
     w.close()
 
 
@@ -1031,10 +1064,40 @@ def _llama_quantize(src: Path, dst: Path, gguf_type: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = max(1, os.cpu_count() or 1)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    with _captured_stderr() as log:  # llama.cpp logs every tensor; keep it for the error only
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0 or not dst.is_file():
-        raise _err(f"quantize to {gguf_type} with llama.cpp (llama_model_quantize returned {rc})",
+        tail = " ".join(log.text.strip().splitlines()[-2:])
+        raise _err(f"quantize to {gguf_type} with llama.cpp (llama_model_quantize returned {rc}: {tail})",
                    "retry with q8_0, or check the llama-cpp-python installation")
+
+
+class _captured_stderr:
+    """Redirect file descriptor 2 (where llama.cpp logs) to a temporary file; ``.text`` after exit."""
+
+    text = ""
+
+    def __enter__(self):
+        import sys
+
+        self._tmp = tempfile.TemporaryFile(mode="w+b")
+        self._saved = None
+        try:
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+            os.dup2(self._tmp.fileno(), 2)
+        except (OSError, ValueError):  # no usable fd 2: let llama.cpp log through
+            self._saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+        self._tmp.seek(0)
+        self.text = self._tmp.read().decode("utf-8", "replace")
+        self._tmp.close()
+        return False
 
 
 # --------------------------------------------------------------------------- Ollama

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Iterable
 
-from converter.errors import EfexportError
+from converter.errors import DOCS, EfexportError
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import HfApi
@@ -58,12 +58,12 @@ _STALE_WEIGHT_RE = re.compile(r"(\.safetensors|\.safetensors\.index\.json|\.gguf
 _HASH_CHUNK = 8 * 1024 * 1024
 _PATHS_INFO_BATCH = 500  # the Hub caps paths-info requests; the client does not split them
 
-_SEE_DOCS = "https://github.com/efexport/efexport#readme"
-_SEE_FORMAT = "https://github.com/efexport/efexport#output-contract"
+_SEE_DOCS = DOCS
+_SEE_FORMAT = DOCS
 _SEE_AUTH = "https://huggingface.co/docs/huggingface_hub/quick-start#authentication"
 _SEE_TOKENS = "https://huggingface.co/docs/hub/security-tokens"
 _SEE_REPOS = "https://huggingface.co/docs/hub/repositories-getting-started"
-_SEE_BRANCHES = "https://huggingface.co/docs/huggingface_hub/guides/repository#create-and-delete-a-branch"
+_SEE_BRANCHES = "https://huggingface.co/docs/huggingface_hub/guides/repository"
 _SEE_RATE = "https://huggingface.co/docs/hub/rate-limits"
 _SEE_STATUS = "https://status.huggingface.co"
 _SEE_UPLOAD = "https://huggingface.co/docs/huggingface_hub/guides/upload"
@@ -352,14 +352,14 @@ def _hub_error(
             retry_after = http_err.response.headers.get("Retry-After")
             wait = f"wait {retry_after} s" if retry_after and retry_after.isdigit() else "wait a few minutes"
             return EfexportError(
-                f"{action}: {where} rate-limited the requests (429 Too Many Requests{detail}), even after retries",
+                f"{action}: {where} rate-limited the requests (429 Too Many Requests{detail})",
                 f"{wait}, then {rerun}",
                 _SEE_RATE,
             )
         if status >= 500:
             return EfexportError(
-                f"{action}: {where} answered {status} (server error{detail}), even after retries",
-                f"try again later; {rerun}",
+                f"{action}: {where} answered {status} (server error{detail})",
+                f"try again later (huggingface_hub already retried what it safely could); {rerun}",
                 _SEE_STATUS,
             )
         if status == 413:
@@ -384,7 +384,7 @@ def _hub_error(
     if net_err is not None:
         return EfexportError(
             f"{action}: the connection to {where} failed ({type(net_err).__name__}: "
-            f"{_one_line(net_err, secrets, 160) or 'no answer'}), even after retries",
+            f"{_one_line(net_err, secrets, 160) or 'no answer'})",
             f"check the network, proxy and --endpoint / HF_ENDPOINT; then {rerun}",
             _SEE_STATUS,
         )

@@ -54,7 +54,24 @@ def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor], refere
     }
     if engine:
         result["engine"] = engine
+    result["artifact_fingerprint"] = fingerprint(candidate)
     return result
+
+
+def fingerprint(logits: list[torch.Tensor]) -> dict[str, Any]:
+    """What `efexport verify` re-measures later without the source: top-1 ids and |logit| maxima."""
+    return {
+        "top1": [l.argmax(-1).flatten().tolist() for l in logits],
+        "max_abs_logit": [round(l.abs().max().item(), 6) for l in logits],
+    }
+
+
+def same_fingerprint(recorded: dict[str, Any], measured: dict[str, Any]) -> tuple[bool, float, float]:
+    """(ok, top-1 agreement, worst relative |logit| max change) between two fingerprints."""
+    pairs = [(a, b) for ra, rb in zip(recorded["top1"], measured["top1"]) for a, b in zip(ra, rb)]
+    agree = sum(a == b for a, b in pairs) / max(1, len(pairs))
+    rel = max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(recorded["max_abs_logit"], measured["max_abs_logit"]))
+    return agree >= 0.99 and rel <= 1e-3, agree, rel
 
 
 # Gates that catch a broken export (a wrong permutation or merge gives rel. diff ~1 and
