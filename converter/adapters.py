@@ -63,7 +63,8 @@ _NEUTRAL_KEYS = {
     "init_lora_weights", "ensure_weight_tying",
 }
 # init_lora_weights values that only initialise A and B (the base weights stay the base model's).
-_PLAIN_INITS = {True, False, "gaussian", "eva", "orthogonal"}
+# (True/False are accepted too.)
+_PLAIN_INITS = {"gaussian", "eva", "orthogonal"}
 _OPTION_WHY = {
     "layer_replication": "it duplicates decoder layers, so the merged model is not the base architecture",
     "target_parameters": "LoRA on raw nn.Parameters (e.g. fused MoE experts) is not a Linear efexport can merge",
@@ -104,7 +105,7 @@ def check_adapter_config(cfg: dict[str, Any], where: str = "adapter_config.json"
                 SEE_ADAPTERS,
             )
     init = cfg.get("init_lora_weights", True)
-    if init not in _PLAIN_INITS and not (isinstance(init, str) and init.lower() in {"gaussian", "eva", "orthogonal"}):
+    if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() in _PLAIN_INITS)):
         raise fail(
             f"merge the LoRA adapter: init_lora_weights={_short(init)} in {where} means it was trained against a "
             "modified (residual) base, so merging it into the original base would be wrong",
@@ -152,14 +153,11 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         return None
-    for rev in dict.fromkeys([revision, None] if revision else [None]):
-        try:
-            hit = try_to_load_from_cache(repo_id, "config.json", revision=rev)
-        except Exception:  # invalid repo id, unreadable cache: simply not available
-            hit = None
-        if isinstance(hit, str) and Path(hit).is_file():
-            return Path(hit).parent
-    return None
+    try:
+        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # invalid repo id, unreadable cache: simply not available
+        hit = None
+    return Path(hit).parent if isinstance(hit, str) and Path(hit).is_file() else None
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
@@ -180,11 +178,10 @@ def _has_weights(folder: Path) -> bool:
         "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"))
 
 
-def find_base(candidates: list[tuple[str, str]], revision: str | None = None, *,
-              allow_download: bool = False) -> tuple[str, Path]:
-    """First available base among (origin, name_or_path); ``--base-model`` must be available itself."""
+def find_base(candidates: list[tuple[str, str, str | None]], *, download_base: bool = False) -> tuple[str, Path]:
+    """First available base among (origin, name_or_path, revision); ``--base-model`` must be available itself."""
     tried: list[str] = []
-    for origin, name in candidates:
+    for origin, name, revision in candidates:
         local = Path(name).expanduser()
         if local.is_dir():
             if not (local / "config.json").is_file() or not _has_weights(local):
@@ -197,7 +194,7 @@ def find_base(candidates: list[tuple[str, str]], revision: str | None = None, *,
         snapshot = _cached_snapshot(name, revision) if _looks_like_hub_id(name) else None
         if snapshot is not None and _has_weights(snapshot):
             return name, snapshot
-        if allow_download and _looks_like_hub_id(name):
+        if download_base and _looks_like_hub_id(name):
             return name, _download(name, revision)
         tried.append(f"{name!r} ({origin})")
         if origin == "--base-model":
@@ -210,8 +207,8 @@ def find_base(candidates: list[tuple[str, str]], revision: str | None = None, *,
             SEE_ADAPTERS,
         )
     raise fail(
-        f"find the adapter's base model: {', '.join(tried)} is neither a local folder nor a model in the local "
-        "Hugging Face cache (efexport downloads nothing unless asked)",
+        f"find the adapter's base model: {', '.join(tried)} {'is' if len(tried) == 1 else 'are'} neither a local "
+        "model folder nor a model in the local Hugging Face cache (efexport downloads nothing unless asked)",
         f"pass --base-model PATH_OR_ID with a local copy, or add {DOWNLOAD_OPTION} to fetch it from the Hub.",
         SEE_ADAPTERS,
     )
@@ -222,7 +219,7 @@ def find_base(candidates: list[tuple[str, str]], revision: str | None = None, *,
 
 def resolve_adapter(ckpt_dir: Path, path_type: str, run_dir: Path | None, checkpoint: str | None,
                     resolved_cfg: dict[str, Any], base_model: str | None, *,
-                    allow_download: bool = False) -> ResolvedRun:
+                    download_base: bool = False) -> ResolvedRun:
     """Describe a PEFT adapter checkpoint: its options (checked), its base model, the merged config."""
     ckpt_dir = Path(ckpt_dir)
     cfg = read_adapter_config(ckpt_dir)
@@ -233,19 +230,28 @@ def resolve_adapter(ckpt_dir: Path, path_type: str, run_dir: Path | None, checkp
             "copy the adapter's weights (adapter_model.safetensors) next to its adapter_config.json.",
             SEE_ADAPTERS,
         )
-    candidates: list[tuple[str, str]] = []
+    candidates: list[tuple[str, str, str | None]] = []
     if base_model:
-        candidates.append(("--base-model", str(base_model)))
+        candidates.append(("--base-model", str(base_model), None))
     else:
         run_base = (resolved_cfg.get("model") or {}).get("name_or_path")
         if run_base:
-            candidates.append(("resolved_config.json model.name_or_path", str(run_base)))
-        if cfg.get("base_model_name_or_path"):
-            candidates.append(("adapter_config.json base_model_name_or_path", str(cfg["base_model_name_or_path"])))
-    named, base_dir = find_base(candidates, cfg.get("revision"), allow_download=allow_download)
+            candidates.append(("resolved_config.json model.name_or_path", str(run_base), None))
+        if cfg.get("base_model_name_or_path"):  # PEFT loads it at the adapter_config's "revision"
+            candidates.append(("adapter_config.json base_model_name_or_path", str(cfg["base_model_name_or_path"]),
+                               cfg.get("revision") or None))
+    named, base_dir = find_base(candidates, download_base=download_base)
 
     base_config = read_json(base_dir / "config.json")
     base_config.pop("eulerforge", None)
+    if base_config.get("quantization_config"):
+        method = (base_config["quantization_config"] or {}).get("quant_method", "quantized")
+        raise fail(
+            f"merge the adapter into base model {named}: its weights are {method}-quantized (QLoRA-style base), "
+            "and a merge into quantized weights is not exact",
+            "pass --base-model with the original, unquantized model the quantized base was made from.",
+            SEE_ADAPTERS,
+        )
     # Plan the merge now (headers only) so every adapter error surfaces at resolution time.
     base_src, adapter_src = TensorSource(base_dir), TensorSource(ckpt_dir, weights_prefix="adapter_model")
     try:
@@ -279,7 +285,6 @@ class ModelLayout:
     """What PEFT sees of the base model: module classes in order, and tied parameters."""
 
     kinds: dict[str, str]  # module name -> linear | conv1d | embedding | other (named_modules order)
-    params: dict[str, tuple[int, ...]]  # parameter name (every alias) -> shape
     alias: dict[str, str]  # parameter name -> canonical name (the first of a tied group)
     output_embedding: str | None
     input_embedding: str | None
@@ -296,6 +301,8 @@ def _layout_cached(config_json: str) -> ModelLayout:
     except ImportError:  # pragma: no cover
         Conv1D = ()  # noqa: N806
     model = meta_model(json.loads(config_json), None)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # as from_pretrained does; meta_model skips it
     kinds: dict[str, str] = {}
     for name, module in model.named_modules():
         if not name:
@@ -308,16 +315,14 @@ def _layout_cached(config_json: str) -> ModelLayout:
             kinds[name] = "linear"
         else:
             kinds[name] = "other"
-    params: dict[str, tuple[int, ...]] = {}
     first: dict[int, str] = {}
     alias: dict[str, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        params[name] = tuple(p.shape)
         alias[name] = first.setdefault(id(p), name)
     names = {id(m): n for n, m in model.named_modules()}
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return ModelLayout(kinds, params, alias, names.get(id(out_emb)), names.get(id(in_emb)))
+    return ModelLayout(kinds, alias, names.get(id(out_emb)), names.get(id(in_emb)))
 
 
 def model_layout(hf_config: dict[str, Any]) -> ModelLayout:
@@ -583,7 +588,10 @@ def plan_adapter_merge(cfg: dict[str, Any], base_config: dict[str, Any], base: T
         if kind not in ("linear", "conv1d", "embedding"):
             raise _bad(f"{module!r} is not a Linear, Conv1D or Embedding layer; efexport merges LoRA on those only",
                        "merge this adapter with PEFT's merge_and_unload() and export the merged model folder.")
-        if targets is not None and not match_target(cfg, module, layout):
+        tied_to_targeted_embedding = (  # ensure_weight_tying: PEFT gives lm_head the embedding's tied adapter
+            bool(cfg.get("ensure_weight_tying")) and layout.input_embedding in modules and module != layout.input_embedding
+            and canonical(f"{module}.weight") == canonical(f"{layout.input_embedding}.weight"))
+        if targets is not None and not match_target(cfg, module, layout) and not tied_to_targeted_embedding:
             raise _bad(f"it has LoRA weights for {module!r} but adapter_config.json's target_modules / "
                        "layers_to_transform / exclude_modules do not select that module (PEFT would drop them)",
                        "fix target_modules in adapter_config.json to match the saved weights.")

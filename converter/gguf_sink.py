@@ -36,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +102,6 @@ LLAMA3_PRETOKENIZER_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-_LLAMA_CPP_PRE_ADD_BOS = {"llama-bpe"}  # pre types for which llama.cpp defaults add_bos to true
 
 
 # --------------------------------------------------------------------------- errors
@@ -194,7 +192,7 @@ def _gemma3_q_fold(cfg: dict) -> float:
     """Factor folded into gemma3 q_norm so llama.cpp's fixed scale equals HF's query_pre_attn_scalar**-0.5."""
     qpas = cfg.get("query_pre_attn_scalar")
     if qpas is None:
-        qpas = _head_dim(cfg)
+        qpas = 256  # Gemma3TextConfig's default
     return (float(qpas) ** -0.5) / _gemma3_llama_cpp_attn_scale(cfg)
 
 
@@ -226,10 +224,11 @@ def _check_config(hf_config: dict, family: str) -> None:
         raise _err(f"write GGUF for {family} with attention_bias=true: llama.cpp's {family} graph has no attention biases", fix_hf)
     if family in ("qwen3", "qwen3moe") and cfg.get("use_sliding_window"):
         raise _err(f"write GGUF for {family} with use_sliding_window=true: llama.cpp's {family} graph attends to the full context", fix_hf)
+    if family != "gemma3" and any(t != "full_attention" for t in cfg.get("layer_types") or []):
+        raise _err(f"write GGUF for {family} with sliding-window layers (layer_types): llama.cpp's {family} graph "
+                   "attends to the full context", fix_hf)
     if family == "mixtral" and cfg.get("sliding_window"):
         raise _err("write GGUF for Mixtral with sliding_window set: llama.cpp's llama graph has no sliding window", fix_hf)
-    if family == "mixtral" and cfg.get("router_jitter_noise"):
-        pass  # training-only noise: inference is unaffected
 
     if family in ("qwen3moe", "mixtral"):
         if not _n_experts(cfg) or not cfg.get("num_experts_per_tok"):
@@ -257,20 +256,51 @@ def _check_config(hf_config: dict, family: str) -> None:
     # rope
     full, local = _rope_params(cfg, family)
     rt = _rope_type(full)
-    supported = ("default", "linear", "llama3") if family in ("llama", "mixtral") else ("default", "linear")
+    supported = {
+        "llama": ("default", "linear", "llama3", "yarn"), "mixtral": ("default", "linear", "llama3", "yarn"),
+        "qwen3": ("default", "linear", "yarn"), "qwen3moe": ("default", "linear", "yarn"),
+        "gemma3": ("default", "linear"),
+    }[family]
     if rt not in supported:
         raise _err(
             f"write GGUF with rope scaling {rt!r} for {family}: the GGUF sink writes only {', '.join(supported)} rope exactly "
             "as llama.cpp computes it",
             "remove rope_scaling / rope_parameters scaling from the config (keep rope_theta), or export with --format hf",
         )
-    if rt == "linear" and not full.get("factor"):
-        raise _err("write GGUF with linear rope scaling without a factor", "set rope_parameters.factor in the config")
+    if rt in ("linear", "yarn", "llama3") and not full.get("factor"):
+        raise _err(f"write GGUF with {rt} rope scaling without a factor", "set rope_parameters.factor in the config")
+    if rt == "yarn":
+        _check_yarn(full)
     if local is not None and _rope_type(local) != "default":
         raise _err(
             f"write GGUF with rope scaling {_rope_type(local)!r} on gemma3's sliding layers: llama.cpp scales only the global layers",
             "remove the sliding_attention rope scaling from the config, or export with --format hf",
         )
+
+
+def _check_yarn(rope: dict) -> None:
+    """YaRN as llama.cpp computes it: HF's defaults only (checked against llama.cpp's logits).
+
+    llama.cpp's generic graph uses beta_fast=32, beta_slow=1 and the attention factor
+    0.1*ln(factor)+1; other values, DeepSeek-style mscale and truncate=false are refused.
+    """
+    fix = "remove the rope scaling from the config (keep rope_theta), or export with --format hf"
+    factor = float(rope["factor"])
+    if not rope.get("original_max_position_embeddings"):
+        raise _err("write GGUF with yarn rope scaling without original_max_position_embeddings",
+                   "set rope_parameters.original_max_position_embeddings in the config")
+    odd = []
+    if float(rope.get("beta_fast", 32.0)) != 32.0 or float(rope.get("beta_slow", 1.0)) != 1.0:
+        odd.append("beta_fast/beta_slow other than 32/1")
+    af = rope.get("attention_factor")
+    if af is not None and abs(float(af) - (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)) > 1e-6:
+        odd.append(f"attention_factor={af}")
+    if rope.get("mscale") not in (None, 1, 1.0) or rope.get("mscale_all_dim") not in (None, 0, 0.0):
+        odd.append("mscale / mscale_all_dim")
+    if rope.get("truncate") is False:
+        odd.append("truncate=false")
+    if odd:
+        raise _err(f"write GGUF with yarn rope scaling using {', '.join(odd)}: llama.cpp's yarn would compute different positions", fix)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -527,7 +557,7 @@ def _add_vocab(writer, info: _VocabInfo, hf_config: dict, family: str) -> None:
         writer.add_token_types(types)
         special = gguf.SpecialVocab(info.path, load_merges=True, n_vocab=vocab_size)
     else:
-        tokens_b, scores, types, add_dummy_prefix = _sp_vocab(info.path, vocab_size)
+        tokens_b, scores, types, _add_dummy_prefix = _sp_vocab(info.path, vocab_size)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens_b)
@@ -541,6 +571,15 @@ def _add_vocab(writer, info: _VocabInfo, hf_config: dict, family: str) -> None:
             if isinstance(tc.get("add_prefix_space"), bool):
                 writer.add_add_space_prefix(tc["add_prefix_space"])
         special = gguf.SpecialVocab(info.path, n_vocab=vocab_size)
+        # without tokenizer.json SpecialVocab cannot resolve tokenizer_config's token strings: use the pieces
+        tc_file = info.path / "tokenizer_config.json"
+        tc = json.loads(tc_file.read_text(encoding="utf-8")) if tc_file.is_file() else {}
+        index = {t: i for i, t in reversed(list(enumerate(tokens_b)))}
+        for typ in ("bos", "eos", "unk", "pad"):
+            entry = tc.get(f"{typ}_token")
+            content = entry.get("content") if isinstance(entry, dict) else entry
+            if isinstance(content, str) and typ not in special.special_token_ids and content.encode() in index:
+                special.special_token_ids[typ] = index[content.encode()]
     # ids the tokenizer files do not name come from the model config
     for typ in ("bos", "eos", "pad", "unk"):
         tid = hf_config.get(f"{typ}_token_id")
@@ -592,8 +631,13 @@ def _llama3_rope_factors(cfg: dict, rope: dict) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def _qtype_for(gname: str, shape: tuple[int, ...], gguf_type: str):
-    """The GGML type of one tensor, following convert_hf_to_gguf.py's rules."""
+def _qtype_for(gname: str, shape: tuple[int, ...], gguf_type: str, tied: bool = False):
+    """The GGML type of one tensor, following convert_hf_to_gguf.py's rules.
+
+    For q4_0 / q5_0 the output projection (and the embedding when it doubles as
+    the output) is kept at Q8_0: llama.cpp's quantizer gives it Q6_K there, a type
+    only llama.cpp's C code makes; Q8_0 is the nearest type at least as precise.
+    """
     import gguf
 
     Q = gguf.GGMLQuantizationType
@@ -607,8 +651,8 @@ def _qtype_for(gname: str, shape: tuple[int, ...], gguf_type: str):
         # K-quants: an F16 intermediate that llama.cpp's quantizer reads
         "q4_k_m": Q.F16, "q5_k_m": Q.F16, "q6_k": Q.F16,
     }[gguf_type]
-    if base in (Q.Q4_0, Q.Q5_0) and gname in ("token_embd.weight", "output.weight"):
-        base = Q.Q8_0  # keep the embedding / output projection at 8 bits (llama.cpp uses a higher type there too)
+    if base in (Q.Q4_0, Q.Q5_0) and (gname == "output.weight" or (tied and gname == "token_embd.weight")):
+        base = Q.Q8_0
     if base not in (Q.F32, Q.F16, Q.BF16):
         block, _ = gguf.GGML_QUANT_SIZES[base]
         if shape[-1] % block != 0:
@@ -667,18 +711,6 @@ class _EncodedTensor:
         if written != self.nbytes:  # pragma: no cover - would be a bug in the type rules
             raise RuntimeError(f"encoded {written} bytes, planned {self.nbytes}")
 
-    def numpy(self) -> np.ndarray:
-        """The whole encoded tensor (tests and small tensors)."""
-        return np.concatenate([c.reshape(-1).view(np.uint8) for c in self._chunks()])
-
-
-_EXPERT_PROJ = {
-    # qwen3moe
-    "gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj",
-    # mixtral
-    "w1": "w1", "w2": "w2", "w3": "w3",
-}
-
 
 def _build_outputs(plan: list[PlannedTensor], hf_config: dict, arch: str, family: str,
                    gguf_type: str, *, skip_permute: bool = False, skip_norm_shift: bool = False) -> list[_Out]:
@@ -705,6 +737,11 @@ def _build_outputs(plan: list[PlannedTensor], hf_config: dict, arch: str, family
                          lambda f=factors: f, 0))
 
     def transform(hf_name: str, t: torch.Tensor) -> torch.Tensor:
+        needs = (family in ("llama", "mixtral") and hf_name.endswith(
+            ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"))) or (
+            family == "gemma3" and hf_name.endswith("norm.weight"))
+        if not needs:
+            return t  # cast chunk by chunk while encoding
         t = t.to(torch.float32)
         if family in ("llama", "mixtral") and not skip_permute:
             if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -750,9 +787,12 @@ def _build_outputs(plan: list[PlannedTensor], hf_config: dict, arch: str, family
             shape = (n_exp, *members[0].shape)
 
             def produce_group(members=members):
-                return torch.stack([m.produce().to(torch.float32) for m in members], dim=0)
+                ts = [m.produce() for m in members]
+                if len({t.dtype for t in ts}) > 1:
+                    ts = [t.to(torch.float32) for t in ts]
+                return torch.stack(ts, dim=0)
 
-            qt = _qtype_for(gname, shape, gguf_type)
+            qt = _qtype_for(gname, shape, gguf_type, tied)
             outs.append(_Out(gname, shape, qt, produce_group, int(np.prod(shape))))
             continue
         if n_exp and name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
@@ -763,25 +803,30 @@ def _build_outputs(plan: list[PlannedTensor], hf_config: dict, arch: str, family
                 ff = two_ff // 2
                 for idx, proj in enumerate(("gate_proj", "up_proj")):
                     gname = tmap.get_name(f"model.layers.{bid}.mlp.experts.{proj}.weight", try_suffixes=(".weight",))
+                    if gname is None:
+                        unknown.append(name)
+                        break
                     shape = (E, ff, hid)
 
                     def produce_half(p=p, idx=idx, ff=ff):
-                        t = p.produce().to(torch.float32)
-                        return t[:, idx * ff:(idx + 1) * ff, :].contiguous()
+                        return p.produce()[:, idx * ff:(idx + 1) * ff, :].contiguous()
 
-                    outs.append(_Out(gname, shape, _qtype_for(gname, shape, gguf_type), produce_half, int(np.prod(shape))))
+                    outs.append(_Out(gname, shape, _qtype_for(gname, shape, gguf_type, tied), produce_half, int(np.prod(shape))))
             else:
                 gname = tmap.get_name(f"model.layers.{bid}.mlp.experts.down_proj.weight", try_suffixes=(".weight",))
+                if gname is None:
+                    unknown.append(name)
+                    continue
                 shape = tuple(p.shape)
-                outs.append(_Out(gname, shape, _qtype_for(gname, shape, gguf_type),
-                                 lambda p=p: p.produce().to(torch.float32), int(np.prod(shape))))
+                outs.append(_Out(gname, shape, _qtype_for(gname, shape, gguf_type, tied),
+                                 lambda p=p: p.produce(), int(np.prod(shape))))
             continue
         gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if gname is None:
             unknown.append(name)
             continue
         shape = tuple(p.shape)
-        outs.append(_Out(gname, shape, _qtype_for(gname, shape, gguf_type),
+        outs.append(_Out(gname, shape, _qtype_for(gname, shape, gguf_type, tied),
                          lambda p=p, n=name: transform(n, p.produce()), int(np.prod(shape)) if shape else 1))
 
     if unknown:
@@ -842,6 +887,10 @@ def _add_hparams(w, hf_config: dict, arch: str, family: str, file_type) -> None:
     if _rope_type(full) == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(full["factor"]))
+    elif _rope_type(full) == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(full["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(full["original_max_position_embeddings"]))
 
     if family in ("qwen3moe", "mixtral"):
         w.add_expert_count(_n_experts(cfg))
@@ -963,21 +1012,23 @@ def _progress_cb(progress) -> Callable[[int], None]:
 def _write_stream(outs: list[_Out], w, path: Path, progress: Callable[[int], None]) -> None:
     for o in outs:
         w.add_tensor_info(o.name, o.shape, np.dtype(np.float32), _nbytes(o.shape, o.qtype), raw_dtype=o.qtype)
-    w.write_header_to_file(path=path)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for o in outs:
-        t = o.produce()
-        if tuple(t.shape) != tuple(o.shape):
-            raise _err(
-                f"write GGUF tensor {o.name}: produced shape {tuple(t.shape)} differs from the planned {tuple(o.shape)}",
-                "report this as a bug in the export plan",
-            )
-        data = _EncodedTensor(t, o.qtype)
-        w.write_tensor_data(data)  # type: ignore[arg-type]  # duck-typed: nbytes + tofile
-        progress(int(data.nbytes))
-        del data, t
-    w.close()
+    try:
+        w.write_header_to_file(path=path)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for o in outs:
+            t = o.produce()
+            if tuple(t.shape) != tuple(o.shape):
+                raise _err(
+                    f"write GGUF tensor {o.name}: produced shape {tuple(t.shape)} differs from the planned {tuple(o.shape)}",
+                    "report this as a bug in the export plan",
+                )
+            data = _EncodedTensor(t, o.qtype)
+            w.write_tensor_data(data)  # type: ignore[arg-type]  # duck-typed: nbytes + tofile
+            progress(int(data.nbytes))
+            del data, t
+    finally:
+        w.close()
 
 
 def write_gguf(

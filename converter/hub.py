@@ -23,7 +23,6 @@ Module import is light: ``huggingface_hub`` is imported inside the functions.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,9 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Iterable
 
 from converter.errors import DOCS, EfexportError
+from converter.manifest import MANIFEST as MANIFEST_NAME
+from converter.manifest import WEIGHT_SUFFIXES
+from converter.manifest import sha256_file as _sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import HfApi
@@ -43,19 +45,12 @@ __all__ = [
     "push_artifact",
     "verify_remote",
     "download_artifact",
-    "WEIGHT_SUFFIXES",
 ]
 
-MANIFEST_NAME = "efexport.json"
-FORMAT_NAME = "efexport"
-FORMAT_VERSION = 1
-#: Files with these suffixes are weights: they must be listed in efexport.json.
-WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
 #: Remote files matching these are weights left over from an earlier push; the push
 #: deletes those that the new artifact does not contain (so a repo never mixes the
 #: shards of two exports, e.g. a stale model.safetensors shadowing a new index).
-_STALE_WEIGHT_RE = re.compile(r"(\.safetensors|\.safetensors\.index\.json|\.gguf|\.bin|\.bin\.index\.json)$")
-_HASH_CHUNK = 8 * 1024 * 1024
+_STALE_WEIGHT_SUFFIXES = WEIGHT_SUFFIXES + (".safetensors.index.json", ".bin.index.json")
 _PATHS_INFO_BATCH = 500  # the Hub caps paths-info requests; the client does not split them
 
 _SEE_DOCS = DOCS
@@ -98,14 +93,6 @@ class PushResult:
 # --------------------------------------------------------------------------- local
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _bad_manifest(folder: Path, why: str) -> EfexportError:
     return EfexportError(
         f"use {folder} as an efexport artifact: {why}",
@@ -125,22 +112,17 @@ def _check_relpath(folder: Path, rel: Any) -> str:
     return rel
 
 
-def _tampered(folder: Path, rel: str, why: str) -> EfexportError:
-    return EfexportError(
-        f"trust {folder}: {rel} {why}",
-        "the folder changed after export; restore the file or re-export the artifact "
-        "(efexport never pushes or loads a folder that differs from its efexport.json)",
-        _SEE_FORMAT,
-    )
-
-
 def verify_local(folder: Path) -> dict:
     """Check an artifact folder against its ``efexport.json``; return the parsed manifest.
 
-    Every file listed in ``files`` must exist with the listed size and sha256, and no
-    weight file (``*.safetensors``, ``*.gguf``, ``*.bin``) may exist that is not listed.
-    Raises :class:`EfexportError` naming the first offending file.
+    The same check as ``efexport verify`` (:func:`converter.manifest.verify_files`): every
+    file listed in ``files`` exists with the listed size and sha256, and no weight file
+    exists that is not listed. Before that, the manifest's shape is checked so that a
+    hostile or broken efexport.json (a path outside the folder, an entry without a
+    hash) is refused rather than followed. Raises :class:`EfexportError` naming the file.
     """
+    from converter.manifest import read_manifest, verify_files
+
     folder = Path(folder)
     if not folder.is_dir():
         raise EfexportError(
@@ -149,56 +131,32 @@ def verify_local(folder: Path) -> dict:
             _SEE_FORMAT,
         )
     manifest_path = folder / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise _bad_manifest(folder, "it has no efexport.json")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad_manifest(folder, f"efexport.json is not valid JSON ({type(exc).__name__})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise _bad_manifest(folder, 'efexport.json does not have "format": "efexport"')
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise _bad_manifest(folder, f"efexport.json has an invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise EfexportError(
-            f"read {folder}: efexport.json has format_version {version}, this efexport understands up to {FORMAT_VERSION}",
-            "upgrade efexport (pip install -U efexport)",
-            _SEE_FORMAT,
-        )
+    if manifest_path.is_file():
+        try:
+            raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raw = {}  # read_manifest reports it, with the line number
+        if not isinstance(raw, dict):
+            raise _bad_manifest(folder, "efexport.json is not a JSON object")
+    manifest = read_manifest(folder)
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise _bad_manifest(folder, "efexport.json has no `files` table")
-
     for rel in sorted(files):
         _check_relpath(folder, rel)
         entry = files[rel]
         if (
             not isinstance(entry, dict)
             or not isinstance(entry.get("sha256"), str)
-            or not _SHA256.fullmatch(entry["sha256"].lower())
+            or not _SHA256.fullmatch(entry["sha256"])
             or not isinstance(entry.get("size"), int)
             or isinstance(entry.get("size"), bool)
             or entry["size"] < 0
         ):
-            raise _bad_manifest(folder, f"efexport.json has a malformed entry for {rel} (needs sha256 and size)")
-        path = folder / rel
-        if not path.is_file():
-            raise _tampered(folder, rel, "is listed in efexport.json but missing")
-        size = path.stat().st_size
-        if size != entry["size"]:
-            raise _tampered(folder, rel, f"has {size} bytes, efexport.json says {entry['size']}")
-        digest = _sha256_file(path)
-        if digest != entry["sha256"].lower():
-            raise _tampered(folder, rel, f"has sha256 {digest}, efexport.json says {entry['sha256'].lower()}")
-
-    listed = set(files)
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if rel.split("/", 1)[0] in (".git", ".cache"):
-            continue  # never uploaded (huggingface_hub ignores them) nor loaded
-        if path.name.lower().endswith(WEIGHT_SUFFIXES) and path.is_file() and rel not in listed:
-            raise _tampered(folder, rel, "is a weight file that efexport.json does not list")
+            raise _bad_manifest(
+                folder, f"efexport.json has a malformed entry for {rel} (needs a lowercase hex sha256 and a size)"
+            )
+    verify_files(folder, manifest)
     return manifest
 
 
@@ -270,8 +228,9 @@ def _hub_error(
     token: str | None = None,
     api: Any = None,
     endpoint: str | None = None,
+    write: bool = True,
 ) -> EfexportError:
-    """Map anything huggingface_hub raised to a three-line EfexportError."""
+    """Map anything huggingface_hub raised to a three-line EfexportError (``write``: a push, not a download)."""
     if isinstance(exc, EfexportError):
         return exc
     from huggingface_hub import errors as hf_errors
@@ -279,13 +238,18 @@ def _hub_error(
     secrets = _secrets(token, api)
     where = endpoint or getattr(api, "endpoint", None) or "the Hub"
     repo = repo_id or "the repository"
-    rerun = "re-run the same command: files already stored on the Hub are not uploaded again"
+    rerun = (
+        "re-run the same command: files already stored on the Hub are not uploaded again"
+        if write
+        else "re-run the same command: files already in the cache are not downloaded again"
+    )
+    access = "write" if write else "read"
 
     for err in _chain(exc):
         if isinstance(err, hf_errors.LocalTokenNotFoundError):
             return EfexportError(
                 f"{action}: no Hugging Face token found",
-                f"create a token with write access at {_TOKEN_URL} and pass it with --token, "
+                f"create a token with {access} access at {_TOKEN_URL} and pass it with --token, "
                 "set the HF_TOKEN environment variable, or run `hf auth login`",
                 _SEE_AUTH,
             )
@@ -309,12 +273,24 @@ def _hub_error(
         status = http_err.response.status_code
         server = http_err.server_message or ""
         detail = f": {_one_line(server, secrets)}" if server.strip() else ""
+        if isinstance(http_err, hf_errors.GatedRepoError):
+            return EfexportError(
+                f"{action}: {repo} is gated and this token's account has not been granted access ({status}{detail})",
+                f"request access on {where}/{repo}, then use a token of that account (--token or HF_TOKEN)",
+                _SEE_AUTH,
+            )
         if status == 401:
             return EfexportError(
                 f"{action}: {where} rejected the token from {_token_source(token)} (401 Unauthorized{detail})",
-                f"create a token with write access at {_TOKEN_URL} and pass it with --token or set HF_TOKEN "
+                f"create a token with {access} access at {_TOKEN_URL} and pass it with --token or set HF_TOKEN "
                 "(HF_TOKEN takes precedence over `hf auth login`)",
                 _SEE_AUTH,
+            )
+        if status == 403 and not write:
+            return EfexportError(
+                f"{action}: the token has no read access to {repo} (403 Forbidden{detail})",
+                "use a token of an account that can see the repository (--token or HF_TOKEN)",
+                _SEE_TOKENS,
             )
         if status == 403:
             return EfexportError(
@@ -424,7 +400,7 @@ def _validate_repo_id(repo_id: Any) -> str:
 
     fix = "pass the repository as OWNER/NAME (letters, digits, '-', '_', '.'; no '--' or '..'), e.g. alice/my-model"
     if not isinstance(repo_id, str) or not repo_id.strip():
-        raise EfexportError("push: no repository id given", fix, _SEE_REPOS)
+        raise EfexportError("use an empty repository id", fix, _SEE_REPOS)
     repo_id = repo_id.strip()
     try:
         validate_repo_id(repo_id)
@@ -641,7 +617,9 @@ def push_artifact(
 
     Only the files listed in efexport.json (plus efexport.json) are uploaded. Weight
     files from an earlier push that the artifact does not contain are deleted in the
-    same commit. Pass ``api`` (from :func:`preflight`) to skip the preflight.
+    same commit. Pass ``api`` (from :func:`preflight`) to skip the preflight; ``token``,
+    ``endpoint`` and ``private`` are then the preflight's (``token`` is still scrubbed
+    from messages).
     """
     folder = Path(folder)
     manifest = verify_local(folder)
@@ -660,7 +638,7 @@ def push_artifact(
     try:
         remote_files = api.list_repo_files(repo_id, revision=branch)
         wanted = set(files)
-        stale = sorted(p for p in remote_files if _STALE_WEIGHT_RE.search(p) and p not in wanted)
+        stale = sorted(p for p in remote_files if p.endswith(_STALE_WEIGHT_SUFFIXES) and p not in wanted)
         info = api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
@@ -695,11 +673,14 @@ def download_artifact(
     token: str | None = None,
     endpoint: str | None = None,
     cache_dir: str | Path | None = None,
+    verify: bool = False,
 ) -> Path:
-    """Download ``repo_id`` with ``snapshot_download`` and verify it against its efexport.json.
+    """Download ``repo_id`` with ``snapshot_download``; return the local snapshot folder.
 
-    Returns the local snapshot folder (in the huggingface_hub cache). Raises
-    :class:`EfexportError` when the download fails or any file does not match.
+    The folder must hold an efexport.json (checked here, cheaply). The file hashes are
+    checked with ``verify=True``; by default that is left to the caller, so that the
+    runtime loader (which verifies before loading) does not hash the weights twice.
+    Raises :class:`EfexportError` when the download fails or a check does not pass.
     """
     repo_id = _validate_repo_id(repo_id)
     from huggingface_hub import snapshot_download
@@ -715,7 +696,16 @@ def download_artifact(
             cache_dir=str(cache_dir) if cache_dir is not None else None,
         )
     except Exception as exc:
-        raise _hub_error(exc, action, repo_id=repo_id, revision=revision, token=token, endpoint=resolved) from None
+        raise _hub_error(
+            exc, action, repo_id=repo_id, revision=revision, token=token, endpoint=resolved, write=False
+        ) from None
     folder = Path(path)
-    verify_local(folder)
+    if verify:
+        verify_local(folder)
+    elif not (folder / MANIFEST_NAME).is_file():
+        raise EfexportError(
+            f"load {repo_id}@{revision or 'main'}: the repository has no efexport.json, so it is not an efexport artifact",
+            "load it with transformers directly, or push an artifact with `efexport push DIR REPO_ID`",
+            _SEE_FORMAT,
+        )
     return folder

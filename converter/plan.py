@@ -23,6 +23,12 @@ class PlannedTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     produce: Callable[[], torch.Tensor]
+    # For computed tensors (LoRA merges): the float32 result before its cast to ``dtype``,
+    # so a later cast or quantization rounds once, not twice.
+    produce_f32: Callable[[], torch.Tensor] | None = None
+
+    def produce_exact(self) -> torch.Tensor:
+        return self.produce_f32() if self.produce_f32 is not None else self.produce()
 
     @property
     def nbytes(self) -> int:

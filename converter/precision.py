@@ -104,10 +104,14 @@ def quantize_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LLM.int8 row-wise, fp16 input, as Int8Params._quantize does it: (int8 weight, SCB)."""
+    """LLM.int8 row-wise as Int8Params._quantize does it: (int8 weight, SCB).
+
+    Quantized artifacts are "the bf16 export, quantized": the weight is rounded to bf16
+    first (as transformers sees it when loading a bf16 folder), then to fp16 for bnb.
+    """
     import bitsandbytes.functional as bnbf
 
-    cb, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+    cb, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.bfloat16).to(torch.float16).contiguous())
     return cb, scb
 
 
@@ -139,7 +143,7 @@ def _memo(fn: Callable[[], Any]) -> Callable[[], Any]:
 def _cast(t: PlannedTensor, dtype: torch.dtype) -> PlannedTensor:
     if not t.dtype.is_floating_point or t.dtype == dtype:
         return t
-    return PlannedTensor(t.name, t.shape, dtype, lambda p=t.produce: p().to(dtype))
+    return PlannedTensor(t.name, t.shape, dtype, lambda: t.produce_exact().to(dtype))
 
 
 def apply_precision(
@@ -163,7 +167,7 @@ def apply_precision(
         elif precision == "int4" and t.name in quantizable:
             numel = math.prod(t.shape)
             blocks = math.ceil(numel / BLOCKSIZE_4BIT)
-            get = _memo(lambda p=t.produce: quantize_nf4(p()))
+            get = _memo(lambda t=t: quantize_nf4(t.produce_exact()))
             shapes = {
                 "": ((numel + 1) // 2, 1),
                 ".absmax": (blocks,),
@@ -178,7 +182,7 @@ def apply_precision(
                                          lambda g=get, s=suffix: g(s)))
         elif precision == "int8" and t.name in quantizable:
             prefix = t.name[: -len("weight")]
-            get = _memo(lambda p=t.produce: dict(zip(("cb", "scb"), quantize_int8(p()))))
+            get = _memo(lambda t=t: dict(zip(("cb", "scb"), quantize_int8(t.produce_exact()))))
             out.append(PlannedTensor(t.name, t.shape, torch.int8, lambda g=get: g("cb")))
             out.append(PlannedTensor(prefix + "SCB", (t.shape[0],), torch.float32, lambda g=get: g("scb")))
             out.append(PlannedTensor(prefix + "weight_format", (), torch.uint8,

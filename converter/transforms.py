@@ -52,10 +52,14 @@ class Reader:
         return t
 
 
+def merge_lora_f32(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W0 + s * (B @ A) in float32."""
+    return torch.addmm(w0.to(torch.float32), b.to(torch.float32), a.to(torch.float32), alpha=scale)
+
+
 def merge_lora(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """W0 + s * (B @ A), computed in float32 and cast back to W0's dtype."""
-    merged = torch.addmm(w0.to(torch.float32), b.to(torch.float32), a.to(torch.float32), alpha=scale)
-    return merged.to(w0.dtype)
+    return merge_lora_f32(w0, a, b, scale).to(w0.dtype)
 
 
 def _passthrough(r: Reader, name: str, out: str | None = None) -> PlannedTensor:
@@ -70,7 +74,8 @@ def _merged(r: Reader, base: str, a: str, b: str, scale: float, out: str) -> Pla
             "the checkpoint is inconsistent; re-save it from the training run.",
             SEE_LOADING,
         )
-    return PlannedTensor(out, shape, r.dtype(base), lambda: merge_lora(r.get(base), r.get(a), r.get(b), scale))
+    exact = lambda: merge_lora_f32(r.get(base), r.get(a), r.get(b), scale)  # noqa: E731
+    return PlannedTensor(out, shape, r.dtype(base), lambda: exact().to(r.dtype(base)), exact)
 
 
 def plan_plain_lora(r: Reader, scale: float, skip: Callable[[str], bool] = lambda n: False) -> TensorPlan:
