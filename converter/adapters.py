@@ -16,7 +16,9 @@ module
   and trained biases replacing whole tensors, tied embeddings;
 * exposes the result as a :class:`~converter.transforms.Reader` over the final Hugging Face
   names, so the pipeline streams it like any other source. Plain LoRA goes through
-  :func:`converter.transforms.merge_lora`, the same code as EulerForge's ``dense_lora``.
+  :func:`converter.transforms.merge_lora_f32`, the same code as EulerForge's ``dense_lora``;
+  every merged tensor is computed in float32 and rounded once (``Reader.get_exact`` gives
+  the float32 result, for a later cast or quantization).
 
 Nothing here imports ``peft``: the key layout and matching rules below mirror PEFT's own
 (``peft.tuners.tuners_utils.check_target_module_exists``, ``peft.utils.other.get_pattern_key``,
@@ -37,7 +39,7 @@ import torch
 from .errors import fail
 from .run import Injection, ResolvedRun, _backbone, _step_of, read_json
 from .source import TensorInfo, TensorSource
-from .transforms import Reader, merge_lora
+from .transforms import Reader, merge_lora_f32
 
 SEE_ADAPTERS = "docs: README.md#peft-adapters"
 PEFT_PREFIX = "base_model.model."
@@ -50,7 +52,9 @@ _LORA_PART = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B"
     r"|lora_magnitude_vector(?:\.weight)?)$"
 )
-_PEFT_MARKERS = re.compile(r"(^|\.)(lora_\w+|token_adapter|modules_to_save|original_module|hada_\w+|lokr_\w+|ia3_l)(\.|$)")
+_PEFT_MARKERS = re.compile(
+    r"(^|\.)(lora_\w+|token_adapter|modules_to_save|original_module|hada_\w+|lokr_\w+|ia3_l)(\.|$)"
+)
 
 # adapter_config.json keys that never change the merged weights (or that are checked on their own below).
 _NEUTRAL_KEYS = {
@@ -101,7 +105,8 @@ def check_adapter_config(cfg: dict[str, Any], where: str = "adapter_config.json"
         if _truthy(cfg.get(key)):
             raise fail(
                 f"merge the LoRA adapter: option {key}={_short(cfg.get(key))} in {where} is not supported ({why})",
-                f"merge it with PEFT's merge_and_unload() and export the merged model folder, or retrain without {key}.",
+                "merge it with PEFT's merge_and_unload() and export the merged model folder, "
+                f"or retrain without {key}.",
                 SEE_ADAPTERS,
             )
     init = cfg.get("init_lora_weights", True)
@@ -122,7 +127,8 @@ def check_adapter_config(cfg: dict[str, Any], where: str = "adapter_config.json"
             raise fail(
                 f"merge the LoRA adapter: option {key}={_short(value)} in {where} is unknown to efexport, "
                 "and it may change the merged weights",
-                f"remove {key} from {where} if it does not change the weights, or merge with PEFT's merge_and_unload().",
+                f"remove {key} from {where} if it does not change the weights, "
+                "or merge with PEFT's merge_and_unload().",
                 SEE_ADAPTERS,
             )
     r = cfg.get("r")
@@ -167,7 +173,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=BASE_FILES))
     except Exception as exc:
         raise fail(
-            f"download base model {repo_id!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}",
+            f"download base model {repo_id!r}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}",
             "check the id and your network / HF token, or pass --base-model with a local folder.",
             SEE_ADAPTERS,
         ) from None
@@ -226,7 +232,8 @@ def resolve_adapter(ckpt_dir: Path, path_type: str, run_dir: Path | None, checkp
     check_adapter_config(cfg)
     if not any((ckpt_dir / f).is_file() for f in ADAPTER_WEIGHTS):
         raise fail(
-            f"read the PEFT adapter in {ckpt_dir.name}: adapter_config.json is there but adapter_model.safetensors is not",
+            f"read the PEFT adapter in {ckpt_dir.name}: adapter_config.json is there "
+            "but adapter_model.safetensors is not",
             "copy the adapter's weights (adapter_model.safetensors) next to its adapter_config.json.",
             SEE_ADAPTERS,
         )
@@ -400,22 +407,28 @@ def module_scale(cfg: dict[str, Any], module: str) -> tuple[int, float, float]:
 # --------------------------------------------------------------------------- the merge, as pure functions
 
 
-def merge_dora(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor,
-               norm_dim: int = 1) -> torch.Tensor:
-    """PEFT's merged DoRA weight, in float32 then cast back to W0's dtype.
+def merge_dora_f32(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor,
+                   norm_dim: int = 1) -> torch.Tensor:
+    """PEFT's merged DoRA weight, in float32.
 
-    ``V = W0 + s·(B @ A)`` (via :func:`merge_lora`), then ``W = (m / ‖V‖) · V`` where the
+    ``V = W0 + s·(B @ A)`` (via :func:`merge_lora_f32`), then ``W = (m / ‖V‖) · V`` where the
     norm runs over ``norm_dim`` (dim 1, per output row, for a Linear ``[out, in]``; dim 0 for
     Conv1D ``[in, out]`` and for an embedding ``[vocab, dim]``, whose magnitude is per column).
     """
-    v = merge_lora(w0.to(torch.float32), a, b, scale)
+    v = merge_lora_f32(w0, a, b, scale)
     norm = torch.linalg.norm(v, dim=norm_dim, keepdim=True)
-    return ((magnitude.to(torch.float32).reshape(norm.shape) / norm) * v).to(w0.dtype)
+    return (magnitude.to(torch.float32).reshape(norm.shape) / norm) * v
 
 
-def add_lora_bias(bias: torch.Tensor, lora_b_bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """``lora_bias``: bias + s · lora_B.bias, in float32 then cast back."""
-    return (bias.to(torch.float32) + scale * lora_b_bias.to(torch.float32)).to(bias.dtype)
+def merge_dora(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor,
+               norm_dim: int = 1) -> torch.Tensor:
+    """:func:`merge_dora_f32` cast back to W0's dtype."""
+    return merge_dora_f32(w0, a, b, scale, magnitude, norm_dim).to(w0.dtype)
+
+
+def add_lora_bias_f32(bias: torch.Tensor, lora_b_bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """``lora_bias``: bias + s · lora_B.bias, in float32."""
+    return bias.to(torch.float32) + scale * lora_b_bias.to(torch.float32)
 
 
 @dataclass
@@ -429,15 +442,15 @@ class _Op:
     transposed: bool = False  # delta = (B @ A).T: embeddings and Conv1D (fan_in_fan_out)
     norm_dim: int = 1
 
-    def apply(self, t: torch.Tensor, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    def apply_f32(self, t: torch.Tensor, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
         if self.kind == "bias":
-            return add_lora_bias(t, get(self.parts["bias"]), self.scale)
+            return add_lora_bias_f32(t, get(self.parts["bias"]), self.scale)
         a, b = get(self.parts["A"]), get(self.parts["B"])
         if self.transposed:  # W0 + s·(B @ A).T == W0 + s·(A.T @ B.T)
             a, b = b.t(), a.t()
         if self.kind == "dora":
-            return merge_dora(t, a, b, self.scale, get(self.parts["magnitude"]), self.norm_dim)
-        return merge_lora(t, a, b, self.scale)
+            return merge_dora_f32(t, a, b, self.scale, get(self.parts["magnitude"]), self.norm_dim)
+        return merge_lora_f32(t, a, b, self.scale)
 
 
 @dataclass
@@ -589,14 +602,16 @@ def plan_adapter_merge(cfg: dict[str, Any], base_config: dict[str, Any], base: T
             raise _bad(f"{module!r} is not a Linear, Conv1D or Embedding layer; efexport merges LoRA on those only",
                        "merge this adapter with PEFT's merge_and_unload() and export the merged model folder.")
         tied_to_targeted_embedding = (  # ensure_weight_tying: PEFT gives lm_head the embedding's tied adapter
-            bool(cfg.get("ensure_weight_tying")) and layout.input_embedding in modules and module != layout.input_embedding
+            bool(cfg.get("ensure_weight_tying")) and layout.input_embedding in modules
+            and module != layout.input_embedding
             and canonical(f"{module}.weight") == canonical(f"{layout.input_embedding}.weight"))
         if targets is not None and not match_target(cfg, module, layout) and not tied_to_targeted_embedding:
             raise _bad(f"it has LoRA weights for {module!r} but adapter_config.json's target_modules / "
                        "layers_to_transform / exclude_modules do not select that module (PEFT would drop them)",
                        "fix target_modules in adapter_config.json to match the saved weights.")
         r, _, scale = module_scale(cfg, module)
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+        a_key, b_key = (("lora_embedding_A", "lora_embedding_B") if kind == "embedding"
+                        else ("lora_A.weight", "lora_B.weight"))
         if a_key not in parts or b_key not in parts:
             raise _bad(f"module {module!r} has {', '.join(sorted(parts))} but not the {a_key}/{b_key} pair "
                        f"a {kind} layer takes", "re-save the adapter with PEFT's save_pretrained().")
@@ -694,20 +709,33 @@ class AdapterSource:
 
 
 def merged_reader(merge: AdapterMerge, base: TensorSource, adapter: TensorSource) -> Reader:
-    """A Reader over the final names whose ``get`` returns the merged tensor."""
+    """A Reader over the final names whose ``get`` returns the merged tensor.
+
+    ``reader.get_exact(name)`` is the float32 result before its one cast, for the names in
+    ``reader.exact_names`` (those the adapter computes; the rest are read as they are).
+    """
     outputs = merge.outputs
 
-    def produce(name: str) -> torch.Tensor:
-        out = outputs[name]
+    def start(out: _Output) -> torch.Tensor:
         where, src = out.start
-        t = (adapter if where == "adapter" else base).get(src)
-        if t.dtype != out.dtype:
-            t = t.to(out.dtype)  # PEFT loads replacements into the base module's dtype
+        return (adapter if where == "adapter" else base).get(src)
+
+    def get_exact(name: str) -> torch.Tensor:
+        out = outputs[name]
+        t = start(out).to(torch.float32)
         for op in out.ops:
-            t = op.apply(t, adapter.get)
+            t = op.apply_f32(t, adapter.get)
         return t
 
-    return Reader(list(outputs), lambda n: tuple(outputs[n].shape), lambda n: outputs[n].dtype, produce)
+    def get(name: str) -> torch.Tensor:
+        out = outputs[name]
+        t = get_exact(name) if out.ops else start(out)
+        return t if t.dtype == out.dtype else t.to(out.dtype)  # replacements load in the base's dtype, as in PEFT
+
+    reader = Reader(list(outputs), lambda n: tuple(outputs[n].shape), lambda n: outputs[n].dtype, get)
+    reader.exact_names = frozenset(n for n, out in outputs.items() if out.ops)  # type: ignore[attr-defined]
+    reader.get_exact = get_exact  # type: ignore[attr-defined]
+    return reader
 
 
 def open_adapter_source(run: ResolvedRun) -> tuple[AdapterSource, Injection, Reader]:

@@ -78,7 +78,7 @@ def card_data(record: dict[str, Any], license: str | None = None) -> str:
 def render_card(template, record: dict[str, Any], *, license: str | None = None, repo_ref: str = "path/to/this/folder",
                 title: str | None = None, extra: dict[str, Any] | None = None) -> str:
     """The whole README.md: front matter + rendered body."""
-    from jinja2 import UndefinedError
+    from jinja2 import TemplateError
 
     precision = record["precision"]
     q = record.get("quantization")
@@ -103,6 +103,6 @@ def render_card(template, record: dict[str, Any], *, license: str | None = None,
     }
     try:
         body = template.render(**context)
-    except UndefinedError as exc:
+    except TemplateError as exc:  # undefined variable (StrictUndefined) or a sandbox violation
         raise fail(f"render the model card: {exc.message}", "use only the documented template variables.", SEE) from None
     return f"---\n{card_data(record, license)}\n---\n\n{body.lstrip()}"

@@ -108,6 +108,7 @@ def prepare(opts: ExportOptions) -> Prepared:
         planned = plan_nbytes(plan)
         _check_disk(out.parent, planned * (2 if opts.fmt == "gguf" else 1))
         prepared = Prepared(opts, pipe, plan, template, planned)
+        preview_card(prepared)
         if opts.push:
             from .hub import preflight
 
@@ -368,12 +369,12 @@ def _hf_parity(prepared: Prepared, tmp: Path) -> dict[str, Any]:
 
 
 def _write_gguf(prepared: Prepared, tmp: Path) -> dict[str, Any]:
-    from .gguf_sink import write_gguf, write_modelfile
+    from .gguf_sink import gguf_filename, write_gguf, write_modelfile
 
     opts, pipe = prepared.opts, prepared.pipe
     gtype = opts.precision or _source_gguf_type(pipe)
     name = opts.name or (pipe.run.run_name or pipe.run.checkpoint_dir.name)
-    filename = f"{name}-{gtype.upper()}.gguf"
+    filename = gguf_filename(name, gtype)
     tok = pipe.tokenizer_dir()
     with _progress(prepared.planned_bytes, "gguf", opts.progress) as bar:
         report = write_gguf(prepared.plan, pipe.target.hf_config, tok, tmp / filename, gtype, name=name,
@@ -412,12 +413,10 @@ def _num_parameters(pipe: Pipeline) -> int:
     return total
 
 
-def _finish(prepared: Prepared, tmp: Path, part: dict[str, Any]) -> dict[str, Any]:
-    """Card, then efexport.json over every other file."""
-    from .card import render_card
-
+def _record(prepared: Prepared, part: dict[str, Any], files: dict[str, Any]) -> dict[str, Any]:
+    """The efexport.json record (artifact-format.md §4) for what was written."""
     opts, pipe, run = prepared.opts, prepared.pipe, prepared.pipe.run
-    precision = part.pop("precision", opts.precision)
+    precision = part.get("precision", opts.precision)
     record: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -436,18 +435,38 @@ def _finish(prepared: Prepared, tmp: Path, part: dict[str, Any]) -> dict[str, An
             "run_name": run.run_name,
             "checkpoint": run.checkpoint,
             "step": run.step,
-            "weights_sha256": _weights_digest(pipe),
+            "weights_sha256": part.get("weights_sha256"),
         },
-        "files": {},
+        "files": files,
         "parity": part.get("parity"),
         "created_with": _versions(),
     }
     if "gguf" in part:
         record["gguf"] = {k: v for k, v in part["gguf"].items() if k in ("arch", "tensors", "file_type")}
-    record["files"] = file_entries(tmp)
-    repo_ref = (opts.push or {}).get("repo_id") or opts.out.name
-    card = render_card(prepared.template, record, license=opts.license, repo_ref=repo_ref)
-    (tmp / "README.md").write_text(card, encoding="utf-8")
+    return record
+
+
+def _render(prepared: Prepared, record: dict[str, Any]) -> str:
+    from .card import render_card
+
+    repo_ref = (prepared.opts.push or {}).get("repo_id") or prepared.opts.out.name
+    return render_card(prepared.template, record, license=prepared.opts.license, repo_ref=repo_ref)
+
+
+def preview_card(prepared: Prepared) -> str:
+    """Render the card once with placeholder figures, so a broken template fails before writing."""
+    layout = prepared.summary()["layout"]
+    fake_files = {"model.safetensors": {"sha256": "0" * 64, "size": 0}}
+    parity = {"prompts": 4, "max_abs_logit_diff": 0.0, "max_abs_logit": 1.0, "top1_agreement": 1.0,
+              "reference": "source run, float32"}
+    return _render(prepared, _record(prepared, {"layout": layout, "parity": parity}, fake_files))
+
+
+def _finish(prepared: Prepared, tmp: Path, part: dict[str, Any]) -> dict[str, Any]:
+    """Card, then efexport.json over every other file."""
+    part = {**part, "weights_sha256": _weights_digest(prepared.pipe)}
+    record = _record(prepared, part, file_entries(tmp))
+    (tmp / "README.md").write_text(_render(prepared, record), encoding="utf-8")
     record["files"] = file_entries(tmp)
     (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record

@@ -929,7 +929,9 @@ def _add_general(w, name: str, metadata: dict | None, n_params: int, hf_config: 
         w.add_license(str(md["license"]))
     base = md.get("base_model")
     bases = [base] if isinstance(base, str) else list(base or [])
-    bases = [b for b in bases if b and not os.path.isabs(str(b))]  # never a local path
+    # Hub ids only: never a local path (absolute, relative, or an existing folder)
+    bases = [str(b) for b in bases if b and not os.path.isabs(str(b)) and not str(b).startswith((".", "~"))
+             and not os.path.exists(str(b)) and str(b).count("/") <= 1]
     if bases:
         w.add_base_model_count(len(bases))
         for i, b in enumerate(bases):

@@ -27,6 +27,8 @@ DTYPE_NAMES = {
 }
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+# Test hook: seconds to pause after each tensor, so interruption tests can hit mid-write.
+_TEST_PAUSE = float(os.environ.get("EFEXPORT_TEST_SLOW_WRITE", "0") or 0)
 
 
 def parse_size(size: str | int) -> int:
@@ -91,6 +93,10 @@ def write_shard(path: Path, shard: TensorPlan, on_tensor: Callable[[PlannedTenso
             if on_tensor is not None:
                 on_tensor(planned, data.nbytes)
             del t, data
+            if _TEST_PAUSE:
+                import time
+
+                time.sleep(_TEST_PAUSE)
         header["__metadata__"] = {"format": "pt"}
         blob = json.dumps(header, separators=(",", ":")).encode()
         if len(blob) > reserved:
