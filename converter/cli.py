@@ -108,6 +108,7 @@ def main() -> None:
               help="moe_expert_lora: native (Qwen3-MoE / Mixtral, default where possible) or compact (the run's structure).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Split weights into shards of at most this size.")
 @click.option("--base-model", default=None, help="Base model (local folder or cached Hub id) for PEFT adapter folders.")
+@click.option("--download-base", is_flag=True, help="Allow downloading a PEFT adapter's base model from the Hub.")
 @click.option("--template", type=click.Path(path_type=Path), default=None, help="Jinja template for the model card body.")
 @click.option("--license", "license_", default=None, help="License id for the model card (e.g. apache-2.0).")
 @click.option("--name", default=None, help="Model name used in GGUF file names and metadata.")
@@ -119,7 +120,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def export_cmd(run: str, out: Path, checkpoint: str, precision: str | None, fmt: str,
-               moe_layout: str | None, max_shard_size: str, base_model: str | None, template: Path | None,
+               moe_layout: str | None, max_shard_size: str, base_model: str | None, download_base: bool,
+               template: Path | None,
                license_: str | None, name: str | None, force: bool, dry_run: bool, no_verify: bool,
                push_to_hub: str | None, private: bool, revision: str | None, commit_message: str | None,
                token: str | None, endpoint: str | None, as_json: bool, quiet: bool) -> None:
@@ -133,7 +135,7 @@ def export_cmd(run: str, out: Path, checkpoint: str, precision: str | None, fmt:
                 "revision": revision, "commit_message": commit_message}
     opts = ExportOptions(run=run, out=out, checkpoint=checkpoint, precision=precision, fmt=fmt, moe_layout=moe_layout,
                          max_shard_size=max_shard_size, template=template, force=force, dry_run=dry_run,
-                         verify=not no_verify, base_model=base_model, license=license_, name=name, push=push,
+                         verify=not no_verify, base_model=base_model, download_base=download_base, license=license_, name=name, push=push,
                          progress=not quiet)
     result = export(opts)
     if dry_run:

@@ -51,6 +51,7 @@ class ExportOptions:
     dry_run: bool = False
     verify: bool = True
     base_model: str | None = None
+    download_base: bool = False
     license: str | None = None
     name: str | None = None
     push: dict[str, Any] | None = None  # {"repo_id", "token", "endpoint", "private", "revision", "commit_message"}
@@ -95,7 +96,8 @@ def prepare(opts: ExportOptions) -> Prepared:
     out = Path(opts.out).expanduser().resolve()
     opts.out = out
     _check_out(out, opts.force)
-    pipe = open_pipeline(opts.run, opts.checkpoint, moe_layout=opts.moe_layout, base_model=opts.base_model)
+    pipe = open_pipeline(opts.run, opts.checkpoint, moe_layout=opts.moe_layout, base_model=opts.base_model,
+                         download_base=opts.download_base)
     try:
         if opts.fmt == "gguf":
             plan = _prepare_gguf(opts, pipe)

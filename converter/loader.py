@@ -83,11 +83,13 @@ def load_model(
     dtype: str = "auto",
     load_precision: str | None = None,
     base_model: str | None = None,
+    download_base: bool = False,
 ) -> "LoadedModel":
     """Load an EulerForge run (or checkpoint, PEFT adapter, HF folder) in one line.
 
     The strategy is detected and cross-checked; dense_lora is merged, moe_expert_lora and
-    mixture_lora keep their structure. int4 is bitsandbytes NF4 + double quant with
+    mixture_lora keep their structure. PEFT adapter folders take their base from ``base_model``
+    (or their config); ``download_base=True`` lets a missing Hub base be downloaded. int4 is bitsandbytes NF4 + double quant with
     bfloat16 compute, int8 is LLM.int8, both on CPU or CUDA.
     """
     from .model_sink import build_model
@@ -97,7 +99,7 @@ def load_model(
     dev = resolve_device(device)
     float_dtype = resolve_float_dtype(dtype, precision)
     require_bitsandbytes(precision)
-    with open_pipeline(path, checkpoint, for_loading=True, base_model=base_model) as pipe:
+    with open_pipeline(path, checkpoint, for_loading=True, base_model=base_model, download_base=download_base) as pipe:
         if float_dtype is None and precision is None:
             float_dtype = None  # keep each tensor's stored dtype
         quantized = pipe.quantizable() if precision in ("int4", "int8") else set()

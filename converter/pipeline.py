@@ -76,9 +76,9 @@ class Pipeline:
 
 
 def open_pipeline(path: str | Path, checkpoint: str | int = "final", *, moe_layout: str | None = None,
-                  for_loading: bool = False, base_model: str | None = None) -> Pipeline:
+                  for_loading: bool = False, base_model: str | None = None, download_base: bool = False) -> Pipeline:
     """Resolve, read headers, detect and plan; no tensor data is read here."""
-    run = resolve(path, checkpoint, base_model=base_model)
+    run = resolve(path, checkpoint, base_model=base_model, download_base=download_base)
     if run.source_kind == "peft_adapter":
         from .adapters import open_adapter_source
 

@@ -109,6 +109,8 @@ def _step_dirs(run_dir: Path) -> dict[int, Path]:
 def available_checkpoints(run_dir: Path) -> list[str]:
     """Names a user can pass to --checkpoint for this run, in a stable order."""
     names = [k for k, d in CHECKPOINT_DIRS.items() if (run_dir / d).is_dir()]
+    if "final" not in names and _is_checkpoint_dir(run_dir):
+        names.insert(0, "final")
     steps = sorted(_step_dirs(run_dir))
     if steps:
         names += [k for k in ("best", "latest") if k not in names and _trainer_fallback(run_dir, k)]
@@ -145,7 +147,10 @@ def choose_checkpoint(run_dir: Path, checkpoint: str | int) -> Path:
     elif key in CHECKPOINT_DIRS:
         candidate = run_dir / CHECKPOINT_DIRS[key]
         if not candidate.is_dir():
-            candidate = _trainer_fallback(run_dir, key) or candidate
+            if key == "final" and _is_checkpoint_dir(run_dir):
+                candidate = run_dir  # a Trainer output folder's own final save
+            else:
+                candidate = _trainer_fallback(run_dir, key) or candidate
     else:
         raise fail(
             f"choose checkpoint {key!r}: it is not one of final, best, latest or a step number",
@@ -172,7 +177,8 @@ def _step_of(checkpoint_dir: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def resolve(path: str | Path, checkpoint: str | int = "final", *, base_model: str | None = None) -> ResolvedRun:
+def resolve(path: str | Path, checkpoint: str | int = "final", *, base_model: str | None = None,
+            download_base: bool = False) -> ResolvedRun:
     """Detect the path type and pick the checkpoint, as seed 000 describes."""
     root = Path(path).expanduser()
     if not root.exists():
@@ -183,7 +189,10 @@ def resolve(path: str | Path, checkpoint: str | int = "final", *, base_model: st
         )
     root = root.resolve()
     resolved_cfg: dict[str, Any] = {}
-    if (root / "resolved_config.json").is_file() or (not _is_checkpoint_dir(root) and root.is_dir() and _step_dirs(root)):
+    steps_here = root.is_dir() and bool(_step_dirs(root))
+    if (root / "resolved_config.json").is_file() or (
+        steps_here and (not _is_checkpoint_dir(root) or str(checkpoint).strip() != "final")
+    ):
         path_type, run_dir = "run_dir", root
         if (root / "resolved_config.json").is_file():
             resolved_cfg = read_json(root / "resolved_config.json")
@@ -204,7 +213,8 @@ def resolve(path: str | Path, checkpoint: str | int = "final", *, base_model: st
     if (ckpt_dir / "adapter_config.json").is_file() and not (ckpt_dir / "config.json").is_file():
         from .adapters import resolve_adapter  # PEFT adapter folders: their own resolution
 
-        return resolve_adapter(ckpt_dir, path_type, run_dir, chosen, resolved_cfg, base_model)
+        return resolve_adapter(ckpt_dir, path_type, run_dir, chosen, resolved_cfg, base_model,
+                               download_base=download_base)
 
     hf_config = read_json(ckpt_dir / "config.json")
     ef_block = hf_config.pop("eulerforge", None)
@@ -313,10 +323,22 @@ def infer_injection(run: ResolvedRun, names: list[str], shapes: dict[str, tuple[
     )
     experts = {int(m.group(1)) for n in names if (m := re.search(r"\.experts\.(\d+)\.", n))}
     num_experts = block.get("num_experts") or (max(experts) + 1 if experts else None)
+    if experts and num_experts != max(experts) + 1:
+        raise fail(
+            f"load the checkpoint: num_experts is {num_experts} in the config but the tensors hold {max(experts) + 1} experts",
+            "fix num_experts in the injection block to match the saved weights.",
+            SEE_LOADING,
+        )
+    if strategy in ("moe_expert_lora", "mixture_lora") and "top_k" not in block:
+        raise fail(
+            f"rebuild the {strategy} routing: top_k is not recorded",
+            'add "top_k" to the injection block (an integer; null means a soft mixture for mixture_lora).',
+            SEE_LOADING,
+        )
+    top_k = block.get("top_k")
+    if strategy == "moe_expert_lora" and top_k is None:
+        raise fail("rebuild the moe_expert_lora routing: top_k is null", 'set "top_k" to the trained integer.', SEE_LOADING)
     moe_layers = block.get("moe_layers")
-    if strategy == "moe_expert_lora" and moe_layers is None and "moe_layers" not in block:
-        moe_layers = None
-    top_k = block.get("top_k", 2 if strategy == "moe_expert_lora" else None)
     return Injection(
         strategy=strategy,
         lora_r=int(r) if r is not None else None,

@@ -109,10 +109,10 @@ def load_artifact(
             "GGUF artifacts load in llama.cpp / Ollama / LM Studio; PEFT adapters with PeftModel.from_pretrained(base, DIR).",
             SEE,
         )
+    dev, float_dtype = resolve_device(device), resolve_float_dtype(dtype, None)  # bad arguments fail before hashing
     if verify:
         verify_files(folder, manifest)
-    model = load_weights(folder, layout, manifest.get("precision"), resolve_device(device),
-                         resolve_float_dtype(dtype, None))
+    model = load_weights(folder, layout, manifest.get("precision"), dev, float_dtype)
     precision = manifest.get("precision")
     meta = ModelMetadata(
         strategy=manifest.get("strategy") or "none",

@@ -135,8 +135,8 @@ class TensorSource:
         root = self.dir.resolve()
         files: list[Path] = []
         for shard in dict.fromkeys(weight_map.values()):
-            p = (self.dir / shard).resolve()
-            if p.parent != root:
+            p = self.dir / shard  # may be a symlink into a Hub cache's blobs/: judge the name, not the target
+            if Path(shard).name != shard or shard in (".", "..") or p.parent.resolve() != root:
                 raise fail(
                     f"read {index.name}: shard {shard!r} points outside the checkpoint folder",
                     "refusing to read it; re-save the checkpoint with shards beside the index.",

@@ -63,7 +63,10 @@ def merge_lora(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float)
 
 
 def _passthrough(r: Reader, name: str, out: str | None = None) -> PlannedTensor:
-    return PlannedTensor(out or name, r.shape(name), r.dtype(name), lambda: r.get(name))
+    """A tensor taken as it is (a PEFT adapter reader may offer its float32 merge too)."""
+    exact = r.get_exact if name in getattr(r, "exact_names", ()) else None
+    return PlannedTensor(out or name, r.shape(name), r.dtype(name), lambda: r.get(name),
+                         (lambda: exact(name)) if exact else None)
 
 
 def _merged(r: Reader, base: str, a: str, b: str, scale: float, out: str) -> PlannedTensor:
