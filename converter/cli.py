@@ -190,6 +190,8 @@ def verify_cmd(artifact: Path, no_parity: bool, as_json: bool) -> None:
         lines.append(f"parity: recorded max |Δlogit| {report['parity']['recorded']}, now {report['parity']['measured']}")
     _emit(report, as_json, "\n".join(lines))
     if not report["ok"]:
+        if not as_json and report.get("error"):
+            click.echo(report["error"], err=True)
         sys.exit(1)
 
 
@@ -205,9 +207,11 @@ def push_cmd(artifact: Path, repo_id: str, private: bool, revision: str | None, 
 
     result = push_artifact(artifact, repo_id, token=token, endpoint=endpoint, private=private, revision=revision,
                            commit_message=commit_message)
-    data = {"repo_id": result.repo_id, "url": result.url, "commit_id": result.commit_id, "revision": result.revision,
-            "files": result.files, "verified": result.verified}
-    _emit(data, as_json, f"Pushed {result.files} files to {result.url} (commit {result.commit_id}, verified)")
+    data = result.to_dict()
+    text = f"Pushed {result.files} files to {result.url} (commit {result.commit_id}, verified)"
+    if result.deleted:
+        text += f"\nRemoved stale files from the repo: {', '.join(result.deleted)}"
+    _emit(data, as_json, text)
 
 
 def run() -> None:

@@ -104,6 +104,9 @@ def prepare(opts: ExportOptions) -> Prepared:
         elif opts.fmt == "peft":
             from .peft_sink import check_peft_export
 
+            if opts.precision is not None:
+                raise fail(f"write a PEFT adapter at precision {opts.precision}: adapters keep the run's LoRA factors as trained",
+                           "drop --precision for --format peft (quantize the base model at serving time instead).", SEE)
             plan = check_peft_export(pipe)
         else:
             plan = pipe.planned(opts.precision)
@@ -114,7 +117,8 @@ def prepare(opts: ExportOptions) -> Prepared:
         if opts.push:
             from .hub import preflight
 
-            prepared.hub_api = preflight(**{k: opts.push.get(k) for k in ("repo_id", "token", "endpoint", "private", "revision")})
+            prepared.hub_api = preflight(**{k: opts.push.get(k) for k in ("repo_id", "token", "endpoint", "private", "revision")},
+                                         create=not opts.dry_run)
         return prepared
     except BaseException:
         pipe.close()
@@ -340,7 +344,8 @@ class EfexportForCausalLM(_EfexportBase):
             if name.rsplit(".", 1)[-1] in _ADAPTER_MODULES:
                 module.to(adapter)
         keep = set(_ADAPTER_MODULES) if adapter == torch.float32 else set()
-        self._keep_in_fp32_modules, self._keep_in_fp32_modules_strict = set(keep), set(keep)
+        self._keep_in_fp32_modules = set(self._keep_in_fp32_modules or ()) | keep
+        self._keep_in_fp32_modules_strict = set(self._keep_in_fp32_modules_strict or ()) | keep
 '''
     return source + footer
 
@@ -384,6 +389,15 @@ def _write_gguf(prepared: Prepared, tmp: Path) -> dict[str, Any]:
                             progress=bar.update)
     write_modelfile(tmp, filename, tok)
     parity = _gguf_parity(prepared, tmp / filename) if opts.verify else {"skipped": "--no-verify"}
+    from .parity import within_tolerance
+
+    if not within_tolerance(parity, gtype, pipe.source_dtype() == torch.float32, fp32_rel=1e-3):
+        raise fail(
+            f"keep this GGUF: in llama.cpp its logits differ from the source by {parity['max_abs_logit_diff']:.3g} "
+            f"(max |logit| {parity['max_abs_logit']:.3g}), beyond the {gtype} tolerance",
+            "report this as a bug with `efexport inspect RUN --json`; nothing was written to --out.",
+            SEE,
+        )
     return _finish(prepared, tmp, {"layout": "gguf", "parity": parity, "precision": gtype, "gguf": report})
 
 
@@ -424,7 +438,7 @@ def _record(prepared: Prepared, part: dict[str, Any], files: dict[str, Any]) -> 
         "format_version": FORMAT_VERSION,
         "strategy": pipe.injection.strategy,
         "layout": part["layout"],
-        "structure_preserved": part["layout"] in ("moe", "compact"),
+        "structure_preserved": part["layout"] in ("moe", "compact") or pipe.target.layout == "moe",
         "backbone": run.backbone or None,
         "architecture": pipe.target.architecture or None,
         "base_model": _public_base_model(run.base_model),
@@ -444,7 +458,7 @@ def _record(prepared: Prepared, part: dict[str, Any], files: dict[str, Any]) -> 
         "created_with": _versions(),
     }
     if "gguf" in part:
-        record["gguf"] = {k: v for k, v in part["gguf"].items() if k in ("arch", "tensors", "file_type")}
+        record["gguf"] = {k: v for k, v in part["gguf"].items() if k in ("arch", "tensor_count", "file_type")}
     return record
 
 
@@ -515,10 +529,20 @@ def export(opts: ExportOptions) -> dict[str, Any]:
         return {"dry_run": True, **prepared.summary()}
     record = run_export(prepared)
     if opts.push:
+        from .errors import EfexportError
         from .hub import push_artifact
 
-        result = push_artifact(opts.out, opts.push["repo_id"], api=prepared.hub_api,
-                               **{k: opts.push.get(k) for k in ("revision", "commit_message", "private")})
+        p = opts.push
+        try:
+            result = push_artifact(opts.out, p["repo_id"], api=prepared.hub_api,
+                                   **{k: p.get(k) for k in ("revision", "commit_message", "private")})
+        except EfexportError as exc:  # the artifact is complete: say how to publish it without exporting again
+            again = (f"efexport push {opts.out} {p['repo_id']}" + (f" --revision {p['revision']}" if p.get("revision") else "")
+                     + (f" --endpoint {p['endpoint']}" if p.get("endpoint") else "") + (" --private" if p.get("private") else ""))
+            fix = exc.fix.replace("re-run the same command", f"run `{again}`")
+            if again not in fix:
+                fix += f"; then publish it with `{again}` (no need to export again)"
+            raise fail(f"{exc.cannot} (the export itself is complete at {opts.out})", fix, exc.see) from None
         record["_push"] = {"repo_id": result.repo_id, "url": result.url, "commit_id": result.commit_id,
                            "revision": result.revision}
     return record

@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -660,6 +661,23 @@ def _qtype_for(gname: str, shape: tuple[int, ...], gguf_type: str, tied: bool = 
     return base
 
 
+def _producer(p: PlannedTensor, qtype) -> Callable[[], torch.Tensor]:
+    """How to read ``p`` for a tensor of GGML type ``qtype``.
+
+    A computed tensor (a LoRA merge) is taken from its float32 result unless ``qtype``
+    is the plan dtype's own type, so that F32 keeps the exact merge and a cast or
+    quantization rounds once, not twice (as the safetensors sink does, through
+    ``produce_exact``).
+    """
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    own = {torch.float32: Q.F32, torch.float16: Q.F16, torch.bfloat16: Q.BF16}.get(p.dtype)
+    if p.produce_f32 is None or qtype == own:
+        return p.produce
+    return p.produce_exact
+
+
 def _nbytes(shape: tuple[int, ...], qtype) -> int:
     import gguf
 
@@ -785,14 +803,14 @@ def _build_outputs(plan: list[PlannedTensor], hf_config: dict, arch: str, family
                 unknown.append(name)
                 continue
             shape = (n_exp, *members[0].shape)
+            qt = _qtype_for(gname, shape, gguf_type, tied)
 
-            def produce_group(members=members):
-                ts = [m.produce() for m in members]
+            def produce_group(fns=[_producer(m, qt) for m in members]):
+                ts = [f() for f in fns]
                 if len({t.dtype for t in ts}) > 1:
                     ts = [t.to(torch.float32) for t in ts]
                 return torch.stack(ts, dim=0)
 
-            qt = _qtype_for(gname, shape, gguf_type, tied)
             outs.append(_Out(gname, shape, qt, produce_group, int(np.prod(shape))))
             continue
         if n_exp and name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
@@ -826,8 +844,9 @@ def _build_outputs(plan: list[PlannedTensor], hf_config: dict, arch: str, family
             unknown.append(name)
             continue
         shape = tuple(p.shape)
-        outs.append(_Out(gname, shape, _qtype_for(gname, shape, gguf_type, tied),
-                         lambda p=p, n=name: transform(n, p.produce()), int(np.prod(shape)) if shape else 1))
+        qt = _qtype_for(gname, shape, gguf_type, tied)
+        outs.append(_Out(gname, shape, qt, lambda f=_producer(p, qt), n=name: transform(n, f()),
+                         int(np.prod(shape)) if shape else 1))
 
     if unknown:
         raise _err(
@@ -952,8 +971,15 @@ def _add_general(w, name: str, metadata: dict | None, n_params: int, hf_config: 
 
 
 def gguf_filename(name: str, gguf_type: str) -> str:
-    """``<name>-<TYPE>.gguf`` (TYPE as llama.cpp labels it, e.g. ``Q4_K_M``)."""
-    return f"{name}-{TYPE_LABELS[gguf_type]}.gguf"
+    """``<name>-<TYPE>.gguf`` (TYPE as llama.cpp labels it, e.g. ``Q4_K_M``).
+
+    ``name`` (``--name``, or the run's name) becomes one plain file name: path
+    separators, whitespace and characters Windows forbids turn into ``-`` and leading
+    dots are dropped, so the file can never land outside (or in a subfolder of) the
+    artifact folder. The GGUF's ``general.name`` keeps the name as given.
+    """
+    safe = re.sub(r'[\\/\s:*?"<>|\x00-\x1f]+', "-", str(name)).strip(".-") or "model"
+    return f"{safe}-{TYPE_LABELS[gguf_type]}.gguf"
 
 
 def default_gguf_type(dtype: torch.dtype | str | None) -> str:

@@ -490,6 +490,7 @@ def preflight(
     endpoint: str | None = None,
     private: bool = False,
     revision: str | None = None,
+    create: bool = True,
 ) -> "HfApi":
     """Check everything a push needs before any long work starts; return the configured HfApi.
 
@@ -497,6 +498,10 @@ def preflight(
     repository or finds it (``create_repo(exist_ok=True)``), refuses ``private=True``
     on an existing public repository, and creates ``revision`` from main when missing
     (``create_branch(exist_ok=True)``). Raises :class:`EfexportError` on any failure.
+
+    ``create=False`` (for ``--dry-run``) changes nothing on the Hub: the token and the
+    namespace are checked the same way, an existing repository is read (``repo_info``)
+    for the --private check, and a missing repository or branch is left to the push.
     """
     repo_id = _validate_repo_id(repo_id)
     rev = _validate_revision(revision)
@@ -508,6 +513,8 @@ def preflight(
         raise _hub_error(exc, "check the Hugging Face token", repo_id=repo_id, token=token, api=api) from None
     repo_id = _full_repo_id(repo_id, who)
     _check_write_access(repo_id, who)
+    if not create:
+        return _preflight_read_only(api, repo_id, private=private, token=token)
     action = f"create or open {repo_id} on {where}"
     try:
         # private=None keeps the namespace default (an org may default to private); it only
@@ -516,17 +523,38 @@ def preflight(
         if private:
             info = api.repo_info(repo_id)
             if info.private is False:
-                raise EfexportError(
-                    f"push to {repo_id} as private: the repository already exists and is public",
-                    f"make it private first (Settings on {where}/{repo_id}, or "
-                    f"HfApi().update_repo_settings({repo_id!r}, private=True)), or drop --private",
-                    _SEE_REPOS,
-                )
+                raise _refuse_private_on_public(repo_id, where)
         if rev is not None and rev != "main" and not _PR_REF.fullmatch(rev):
             action = f"create branch {rev!r} in {repo_id}"
             api.create_branch(repo_id, branch=rev, exist_ok=True)
     except Exception as exc:
         raise _hub_error(exc, action, repo_id=repo_id, revision=rev, token=token, api=api) from None
+    return api
+
+
+def _refuse_private_on_public(repo_id: str, where: str) -> EfexportError:
+    return EfexportError(
+        f"push to {repo_id} as private: the repository already exists and is public",
+        f"make it private first (Settings on {where}/{repo_id}, or "
+        f"HfApi().update_repo_settings({repo_id!r}, private=True)), or drop --private",
+        _SEE_REPOS,
+    )
+
+
+def _preflight_read_only(api: "HfApi", repo_id: str, *, private: bool, token: str | None) -> "HfApi":
+    """The preflight of a dry run: reads only (the repository may not exist yet)."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        info = api.repo_info(repo_id)
+    except RepositoryNotFoundError as exc:
+        if isinstance(exc, GatedRepoError):
+            raise _hub_error(exc, f"open {repo_id} on {api.endpoint}", repo_id=repo_id, token=token, api=api) from None
+        return api  # the push would create it
+    except Exception as exc:
+        raise _hub_error(exc, f"open {repo_id} on {api.endpoint}", repo_id=repo_id, token=token, api=api) from None
+    if private and info.private is False:
+        raise _refuse_private_on_public(repo_id, api.endpoint)
     return api
 
 

@@ -156,6 +156,9 @@ def build_target(reader: Reader, hf_config: dict[str, Any], inj: Injection, back
         "scale": inj.scale,
         "moe_layers": moe if inj.strategy == "moe_expert_lora" else None,
         "target_modules": list(inj.target_modules),
+        # routers and LoRA factors keep the dtype the run saved them in (see modeling_efexport.py)
+        "adapter_dtype": next((str(reader.dtype(n)).removeprefix("torch.") for n in reader.names
+                               if n.endswith(".router.weight")), "float32"),
     }
     hf_config[STRUCTURE_KEY] = structure
     return Target("compact", arch, hf_config, structure, plan_compact(reader, inj))

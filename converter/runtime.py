@@ -25,7 +25,7 @@ SEE = "docs: README.md#loading-an-artifact"
 HF_LAYOUTS = ("dense", "moe", "compact")
 
 
-def _local_folder(path: str | Path, revision: str | None, token: str | None) -> Path:
+def _local_folder(path: str | Path, revision: str | None, token: str | None, endpoint: str | None) -> Path:
     """A local folder as is; 'owner/name' that is not a folder is fetched from the Hub."""
     p = Path(path).expanduser()
     if p.is_dir():
@@ -34,7 +34,11 @@ def _local_folder(path: str | Path, revision: str | None, token: str | None) -> 
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         from .hub import download_artifact  # imports huggingface_hub, only here
 
-        return download_artifact(text, revision=revision, token=token)
+        folder = download_artifact(text, revision=revision, token=token, endpoint=endpoint)
+        from .hub import verify_local
+
+        verify_local(folder)  # a downloaded manifest is untrusted: paths must stay inside the folder too
+        return folder
     raise fail(f"load artifact {path}: no such folder", "pass the --out folder of an efexport export, or a Hub repo id.", SEE)
 
 
@@ -98,9 +102,10 @@ def load_artifact(
     *,
     revision: str | None = None,
     token: str | None = None,
+    endpoint: str | None = None,
 ) -> LoadedModel:
     """Load an exported artifact (folder or Hub repo id), verified, in eval mode."""
-    folder = _local_folder(path, revision, token)
+    folder = _local_folder(path, revision, token, endpoint)
     manifest = read_manifest(folder)
     layout = manifest.get("layout")
     if layout not in HF_LAYOUTS:

@@ -4,8 +4,10 @@ Tiny models (seeded random weights, norms perturbed so a missing ``+1`` shows)
 are built with transformers for every layout the sink writes (qwen3, llama,
 gemma3, qwen3moe, mixtral), with byte-level BPE tokenizers trained here with
 ``tokenizers`` using the exact pre-tokenizer configurations of Qwen2/3, Llama 3
-and GPT-2. Each GGUF is loaded by llama.cpp (llama-cpp-python) and its logits are
-compared with transformers' float32 forward on the same folder.
+and GPT-2. Each folder is read through the package's own pipeline (``open_pipeline``:
+a plain HF folder is a strategy-``none`` run), written as GGUF, loaded by llama.cpp
+(llama-cpp-python), and its logits are compared with transformers' float32 forward on
+the same folder.
 
 Only the tests that run llama.cpp need llama-cpp-python; the rest (metadata read
 back with gguf's reader, refusals, Modelfile) run without it.
@@ -25,33 +27,28 @@ import torch
 from safetensors import safe_open
 
 from converter.errors import EfexportError
+from converter.pipeline import open_pipeline
 from converter.plan import PlannedTensor
 import converter.gguf_sink as gs
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_OPEN_PIPELINES: list = []
 
 
-def plan_from_hf_folder(folder) -> list[PlannedTensor]:
-    """A plan over a saved HF checkpoint, reading every tensor lazily (safetensors)."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    plan: list[PlannedTensor] = []
-    for fname in files:
-        path = str(folder / fname)
-        with safe_open(path, "pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
+def pipeline_plan(folder) -> list[PlannedTensor]:
+    """The package's own reading path over a saved HF folder (a valid input of strategy
+    ``none``): ``open_pipeline`` -> ``TensorSource`` -> ``plan_dense``, every tensor read
+    lazily. The pipeline stays open until the end of the test (see ``_close_pipelines``)."""
+    pipe = open_pipeline(folder)
+    _OPEN_PIPELINES.append(pipe)
+    assert pipe.injection.strategy == "none" and pipe.target.layout == "dense", (pipe.injection, pipe.target.layout)
+    return pipe.target.plan
 
-                def produce(path=path, key=key):
-                    with safe_open(path, "pt") as g:
-                        return g.get_tensor(key)
 
-                plan.append(PlannedTensor(key, tuple(sl.get_shape()), _ST_DTYPES[sl.get_dtype()], produce))
-    return plan
+@pytest.fixture(autouse=True)
+def _close_pipelines():
+    yield
+    while _OPEN_PIPELINES:
+        _OPEN_PIPELINES.pop().close()
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -210,7 +207,7 @@ def hf_ids(folder: Path, text: str = SAMPLE) -> list[int]:
 
 def export(folder: Path, out_dir: Path, gguf_type: str = "fp32", **kw) -> tuple[Path, dict]:
     out = Path(out_dir) / gs.gguf_filename("tiny", gguf_type)
-    report = gs.write_gguf(plan_from_hf_folder(folder), hf_config(folder), folder, out, gguf_type,
+    report = gs.write_gguf(pipeline_plan(folder), hf_config(folder), folder, out, gguf_type,
                            name="tiny", metadata={"base_model": "org/tiny-base", "license": "apache-2.0"}, **kw)
     return out, report
 
@@ -410,12 +407,14 @@ def test_streams_one_tensor_at_a_time(models_root, tmp_path):
         def produce():
             state["sizes"].append(partial.stat().st_size)
             assert state["prev"] is None or state["prev"]() is None, "previous tensor still alive"
-            t = p.produce()
+            # a copy only the sink holds: the pipeline's Reader keeps its own small LRU of
+            # source tensors on purpose (transforms.Reader), which is not the sink's doing
+            t = p.produce().clone()
             state["prev"] = weakref.ref(t)
             return t
         return PlannedTensor(p.name, p.shape, p.dtype, produce)
 
-    plan = [wrap(p) for p in plan_from_hf_folder(folder)]
+    plan = [wrap(p) for p in pipeline_plan(folder)]
     gs.write_gguf(plan, hf_config(folder), folder, out, "fp16", name="tiny")
     sizes = state["sizes"]
     assert len(sizes) == len(plan)  # every tensor produced exactly once (tied lm_head is not in the plan)
@@ -429,7 +428,7 @@ def test_source_dtype_is_the_default(models_root, tmp_path):
     folder = build_model("qwen3", models_root)
     out = tmp_path / "x.gguf"
     plan = [PlannedTensor(p.name, p.shape, torch.bfloat16, (lambda p=p: p.produce().to(torch.bfloat16)))
-            for p in plan_from_hf_folder(folder)]
+            for p in pipeline_plan(folder)]
     rep = gs.write_gguf(plan, hf_config(folder), folder, out, None, name="tiny")
     assert rep["gguf_type"] == "bf16"
     t = {x.name: x.tensor_type for x in _reader(out).tensors}
@@ -464,7 +463,7 @@ def _assert_three_lines(err: EfexportError, *needles: str) -> None:
 def test_refuses_bad_types_before_any_work(bad, needles, models_root, tmp_path):
     folder = build_model("qwen3", models_root)
     produced = []
-    plan = [PlannedTensor(p.name, p.shape, p.dtype, lambda: produced.append(1)) for p in plan_from_hf_folder(folder)]
+    plan = [PlannedTensor(p.name, p.shape, p.dtype, lambda: produced.append(1)) for p in pipeline_plan(folder)]
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(EfexportError) as e:
@@ -499,7 +498,7 @@ def test_refuses_what_llama_cpp_cannot_express(change, needle, models_root, tmp_
     folder = build_model("qwen3", models_root)
     cfg = {**hf_config(folder), **change}
     with pytest.raises(EfexportError) as e:
-        gs.write_gguf(plan_from_hf_folder(folder), cfg, folder, tmp_path / "x.gguf", "fp16", name="x")
+        gs.write_gguf(pipeline_plan(folder), cfg, folder, tmp_path / "x.gguf", "fp16", name="x")
     _assert_three_lines(e.value, needle)
     assert not list(tmp_path.iterdir())
 
@@ -593,7 +592,7 @@ def test_sentencepiece_vocab(arch, sp_tokenizer_dir, models_root, tmp_path):
     folder = build_model(arch, models_root)
     cfg = {**hf_config(folder), "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}  # ids from the pieces
     out = tmp_path / "sp.gguf"
-    rep = gs.write_gguf(plan_from_hf_folder(folder), cfg, sp_tokenizer_dir, out, "fp16", name="tiny")
+    rep = gs.write_gguf(pipeline_plan(folder), cfg, sp_tokenizer_dir, out, "fp16", name="tiny")
     assert rep["tokenizer_model"] == "llama"
     r = _reader(out)
     assert _field(r, "tokenizer.ggml.model") == "llama" and _field(r, "tokenizer.ggml.pre") == "default"
