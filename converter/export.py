@@ -27,7 +27,7 @@ import torch
 
 from . import __version__
 from .errors import fail
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_entries
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_entries, sha256_file
 from .pipeline import TOKENIZER_FILES, Pipeline, open_pipeline
 from .plan import TensorPlan, plan_nbytes
 from .precision import bnb_config, check_precision, quantization_record, require_bitsandbytes
@@ -481,9 +481,14 @@ def preview_card(prepared: Prepared) -> str:
 def _finish(prepared: Prepared, tmp: Path, part: dict[str, Any]) -> dict[str, Any]:
     """Card, then efexport.json over every other file."""
     part = {**part, "weights_sha256": _weights_digest(prepared.pipe)}
-    record = _record(prepared, part, file_entries(tmp))
-    (tmp / "README.md").write_text(_render(prepared, record), encoding="utf-8")
-    record["files"] = file_entries(tmp)
+    total = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    with _progress(total, "hash", prepared.opts.progress) as bar:
+        files = file_entries(tmp, progress=bar.update)
+    record = _record(prepared, part, files)
+    card = tmp / "README.md"
+    card.write_text(_render(prepared, record), encoding="utf-8")
+    files["README.md"] = {"sha256": sha256_file(card), "size": card.stat().st_size}  # the only new file
+    record["files"] = dict(sorted(files.items()))
     (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
 
@@ -498,8 +503,6 @@ def _public_base_model(base: str | None) -> str | None:
 def _weights_digest(pipe: Pipeline) -> str:
     """sha256 over the source weight files' sha256s: identifies exactly which weights were exported."""
     import hashlib
-
-    from .manifest import sha256_file
 
     h = hashlib.sha256()
     for f in sorted(pipe.source.files):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import fail
 
@@ -21,21 +21,23 @@ WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
 SEE = "docs: README.md#verifying-an-artifact"
 
 
-def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
+def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024, progress: Callable[[int], Any] | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+            if progress is not None:
+                progress(len(block))
     return h.hexdigest()
 
 
-def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
+def file_entries(folder: Path, progress: Callable[[int], Any] | None = None) -> dict[str, dict[str, Any]]:
     """Size and sha256 of every file in the folder but efexport.json, by relative path."""
     out: dict[str, dict[str, Any]] = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST and not _hidden(p, folder):
             rel = p.relative_to(folder).as_posix()
-            out[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+            out[rel] = {"sha256": sha256_file(p, progress=progress), "size": p.stat().st_size}
     return out
 
 
