@@ -19,7 +19,7 @@ import signal
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -58,6 +58,30 @@ class ExportOptions:
     progress: bool = True
 
 
+class BackgroundHashes:
+    """sha256 of finished files (and of the source weights) on a worker thread.
+
+    hashlib releases the GIL, so on two cores hashing shard N overlaps writing shard N+1
+    instead of re-reading every file at the end.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="efexport-hash")
+        self._files: dict[str, Any] = {}
+        self.source = None
+
+    def file(self, path: Path) -> None:
+        self._files[path.name] = self._pool.submit(sha256_file, path)
+
+    def known(self) -> dict[str, str]:
+        return {name: future.result() for name, future in self._files.items()}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 @dataclass
 class Prepared:
     opts: ExportOptions
@@ -66,7 +90,7 @@ class Prepared:
     template: Any
     planned_bytes: int
     hub_api: Any = None
-    notes: list[str] = field(default_factory=list)
+    hashes: BackgroundHashes | None = None
 
     def summary(self) -> dict[str, Any]:
         run, t = self.pipe.run, self.pipe.target
@@ -233,6 +257,8 @@ def run_export(prepared: Prepared) -> dict[str, Any]:
     clean_stale(out)
     tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     started = time.time()
+    prepared.hashes = BackgroundHashes()
+    prepared.hashes.source = prepared.hashes._pool.submit(_weights_digest, pipe)
     try:
         with _sigterm_as_interrupt():
             tmp.mkdir()
@@ -250,6 +276,7 @@ def run_export(prepared: Prepared) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        prepared.hashes.close()
         pipe.close()
     record["_seconds"] = round(time.time() - started, 2)
     return record
@@ -272,7 +299,8 @@ def _write_hf(prepared: Prepared, tmp: Path) -> dict[str, Any]:
 
     opts, pipe = prepared.opts, prepared.pipe
     with _progress(prepared.planned_bytes, "export", opts.progress) as bar:
-        write_safetensors(prepared.plan, tmp, parse_size(opts.max_shard_size), lambda t, n: bar.update(n))
+        write_safetensors(prepared.plan, tmp, parse_size(opts.max_shard_size), lambda t, n: bar.update(n),
+                          on_file=prepared.hashes.file if prepared.hashes else None)
     config = _artifact_config(pipe, opts.precision)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if pipe.target.layout == "compact":
@@ -388,6 +416,8 @@ def _write_gguf(prepared: Prepared, tmp: Path) -> dict[str, Any]:
                             metadata={"base_model": pipe.run.base_model, "license": opts.license},
                             progress=bar.update)
     write_modelfile(tmp, filename, tok)
+    if prepared.hashes:
+        prepared.hashes.file(tmp / filename)  # hashed while parity runs
     parity = _gguf_parity(prepared, tmp / filename) if opts.verify else {"skipped": "--no-verify"}
     from .parity import within_tolerance
 
@@ -480,10 +510,13 @@ def preview_card(prepared: Prepared) -> str:
 
 def _finish(prepared: Prepared, tmp: Path, part: dict[str, Any]) -> dict[str, Any]:
     """Card, then efexport.json over every other file."""
-    part = {**part, "weights_sha256": _weights_digest(prepared.pipe)}
-    total = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    hashes = prepared.hashes
+    digest = hashes.source.result() if hashes and hashes.source else _weights_digest(prepared.pipe)
+    part = {**part, "weights_sha256": digest}
+    known = hashes.known() if hashes else {}
+    total = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file() and p.name not in known)
     with _progress(total, "hash", prepared.opts.progress) as bar:
-        files = file_entries(tmp, progress=bar.update)
+        files = file_entries(tmp, progress=bar.update, known=known)
     record = _record(prepared, part, files)
     card = tmp / "README.md"
     card.write_text(_render(prepared, record), encoding="utf-8")
@@ -511,16 +544,15 @@ def _weights_digest(pipe: Pipeline) -> str:
 
 
 def _versions() -> dict[str, str | None]:
-    import transformers
+    """Library versions from package metadata (importing bitsandbytes alone costs seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    out: dict[str, str | None] = {"efexport": __version__, "torch": torch.__version__.split("+")[0],
-                                  "transformers": transformers.__version__}
-    try:
-        import bitsandbytes
-
-        out["bitsandbytes"] = bitsandbytes.__version__
-    except Exception:
-        out["bitsandbytes"] = None
+    out: dict[str, str | None] = {"efexport": __version__}
+    for name in ("torch", "transformers", "bitsandbytes"):
+        try:
+            out[name] = version(name).split("+")[0]
+        except PackageNotFoundError:
+            out[name] = None
     return out
 
 

@@ -31,13 +31,19 @@ def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024, progress: Callable[[in
     return h.hexdigest()
 
 
-def file_entries(folder: Path, progress: Callable[[int], Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file in the folder but efexport.json, by relative path."""
+def file_entries(folder: Path, progress: Callable[[int], Any] | None = None,
+                 known: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file in the folder but efexport.json, by relative path.
+
+    ``known``: digests already computed (while the file was being written), by relative path.
+    """
     out: dict[str, dict[str, Any]] = {}
+    known = known or {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST and not _hidden(p, folder):
             rel = p.relative_to(folder).as_posix()
-            out[rel] = {"sha256": sha256_file(p, progress=progress), "size": p.stat().st_size}
+            digest = known.get(rel) or sha256_file(p, progress=progress)
+            out[rel] = {"sha256": digest, "size": p.stat().st_size}
     return out
 
 

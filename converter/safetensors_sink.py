@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,8 +78,9 @@ def write_shard(path: Path, shard: TensorPlan, on_tensor: Callable[[PlannedTenso
     reserved = _header_bound(shard)
     header: dict[str, Any] = {}
     offset = 0
-    with open(path, "wb") as fh:
+    with open(path, "wb") as fh, ThreadPoolExecutor(max_workers=1, thread_name_prefix="efexport-write") as writer:
         fh.seek(8 + reserved)
+        pending = None  # one write in flight while the next tensor is read, merged and cast
         for planned in shard:
             t = planned.produce()
             if t.dtype != planned.dtype or (tuple(t.shape) != planned.shape and not _is_blob(planned, t)):
@@ -86,7 +88,9 @@ def write_shard(path: Path, shard: TensorPlan, on_tensor: Callable[[PlannedTenso
                     f"internal: {planned.name} produced {t.dtype}{list(t.shape)}, planned {planned.dtype}{list(planned.shape)}"
                 )
             data = _tensor_bytes(t)
-            fh.write(data)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(fh.write, data)  # the future holds `data` until it is written
             header[planned.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                                     "data_offsets": [offset, offset + data.nbytes]}
             offset += data.nbytes
@@ -97,6 +101,8 @@ def write_shard(path: Path, shard: TensorPlan, on_tensor: Callable[[PlannedTenso
                 import time
 
                 time.sleep(_TEST_PAUSE)
+        if pending is not None:
+            pending.result()
         header["__metadata__"] = {"format": "pt"}
         blob = json.dumps(header, separators=(",", ":")).encode()
         if len(blob) > reserved:
@@ -115,17 +121,25 @@ def _is_blob(planned: PlannedTensor, t: torch.Tensor) -> bool:
 
 
 def write_safetensors(plan: TensorPlan, out_dir: Path, max_shard_size: int,
-                      on_tensor: Callable[[PlannedTensor, int], None] | None = None) -> list[str]:
-    """Write the plan as model.safetensors, or shards + the Hugging Face index; returns file names."""
+                      on_tensor: Callable[[PlannedTensor, int], None] | None = None,
+                      on_file: Callable[[Path], None] | None = None) -> list[str]:
+    """Write the plan as model.safetensors, or shards + the Hugging Face index; returns file names.
+
+    ``on_file(path)`` is called as soon as each file is complete (the exporter hashes it
+    in the background while the next shard is being written).
+    """
+    done = on_file or (lambda path: None)
     shards = split_shards(plan, max_shard_size)
     if len(shards) == 1:
         write_shard(out_dir / WEIGHTS_NAME, shards[0], on_tensor)
+        done(out_dir / WEIGHTS_NAME)
         return [WEIGHTS_NAME]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map: dict[str, str] = {}
     total = 0
     for name, shard in zip(names, shards):
         total += write_shard(out_dir / name, shard, on_tensor)
+        done(out_dir / name)
         weight_map.update({t.name: name for t in shard})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

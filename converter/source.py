@@ -3,7 +3,7 @@
 Headers are read and validated up front (dtype, shape, offsets within the file, index
 entries inside the checkpoint folder), so a truncated or tampered file fails with a
 three-line error before any work; tensor data is read only when asked for, one name
-at a time, through ``safetensors.safe_open``. Legacy pickle checkpoints are read only
+at a time, with a positioned read at the offset the header gives. Legacy pickle checkpoints are read only
 with ``torch.load(weights_only=True, mmap=True)``: no arbitrary code can run.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +41,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    offset: int = -1  # absolute byte offset of the data in a safetensors file
+    nbytes: int = 0
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -77,7 +78,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             numel *= d
         if end > data_size or end - begin != numel * torch.empty((), dtype=dtype).element_size():
             raise bad(f"tensor {name!r} lies outside the file or has the wrong length (truncated?)")
-        out[name] = TensorInfo(name, shape, dtype, path)
+        out[name] = TensorInfo(name, shape, dtype, path, 8 + n + begin, end - begin)
     return out
 
 
@@ -87,8 +88,7 @@ class TensorSource:
     def __init__(self, checkpoint_dir: Path, weights_prefix: str = "model") -> None:
         self.dir = Path(checkpoint_dir)
         self.infos: dict[str, TensorInfo] = {}
-        self._stack = ExitStack()
-        self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         files = self._weight_files(weights_prefix)
         for f in files:
@@ -181,24 +181,37 @@ class TensorSource:
         return self.infos[name].dtype
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor from disk (the only place tensor data is read)."""
+        """Read one tensor from disk (the only place tensor data is read).
+
+        A positioned read into a fresh buffer rather than a memory map: pages of a mapped
+        checkpoint would stay resident in this process and its RSS would grow to the model's
+        size; a read buffer is freed as soon as the tensor is done with.
+        """
         info = self.infos[name]
         if info.file in self._pickled:
             return self._pickled[info.file][name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            from safetensors import safe_open
-
-            handle = self._stack.enter_context(safe_open(os.fspath(info.file), framework="pt", device="cpu"))
-            self._handles[info.file] = handle
-        return handle.get_tensor(name)
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        while done < info.nbytes:
+            got = os.preadv(fd, [view[done:]], info.offset + done)
+            if got <= 0:
+                raise fail(f"read {info.file.name}: it ended early (truncated while reading?)",
+                           f"re-copy or re-save {info.file}.", SEE_LOADING)
+            done += got
+        if info.dtype == torch.bool:
+            return buf.view(torch.bool).reshape(info.shape)
+        return buf.view(info.dtype).reshape(info.shape)
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 
     def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._pickled.clear()
 
     def __enter__(self) -> "TensorSource":
