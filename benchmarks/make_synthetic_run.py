@@ -207,14 +207,9 @@ def write_safetensors_streaming(path: Path, specs: list[Spec], seed: int) -> int
 
 def write_sharded(folder: Path, specs: list[Spec], seed: int, max_shard: int, stem: str = "model") -> None:
     """Greedy shards of at most ``max_shard`` bytes, named and indexed as save_pretrained does."""
-    shards: list[list[Spec]] = [[]]
-    size = 0
-    for s in specs:
-        if shards[-1] and size + s.nbytes > max_shard:
-            shards.append([])
-            size = 0
-        shards[-1].append(s)
-        size += s.nbytes
+    from converter.safetensors_sink import split_shards  # the exporter's own rule (anything with .nbytes)
+
+    shards = split_shards(specs, max_shard)
     if len(shards) == 1:
         write_safetensors_streaming(folder / f"{stem}.safetensors", shards[0], seed)
         return
