@@ -19,10 +19,11 @@ runs it), measured by benchmarks/measure.py: wall time, CPU time, peak RSS of th
 tree. Inputs are read once before each measurement (warm page cache for every tool) and
 dirty pages are flushed (``sync``) so no tool pays for an earlier tool's writeback.
 
-Per-size results (every repetition) go to benchmarks/results/<size>.json; the chart
-(benchmarks/peak_rss.png) and the Markdown tables are rebuilt from all result files
-(benchmarks/report.py); the last line printed is one JSON object of the medians, ratios
-and targets. The work folder (benchmarks/_work, git-ignored) is removed at the end
+Per-size results (every repetition) go to benchmarks/results/<size>.json (--results); the
+Markdown tables and a chart (<results>/peak_rss.png) are rebuilt from the result files there
+(benchmarks/report.py, which also merges several result folders and draws the chart
+BENCHMARKS.md shows); the last line printed is one JSON object of the medians, ratios and
+targets. The work folder (benchmarks/_work, git-ignored) is removed at the end
 unless --keep.
 """
 
@@ -391,7 +392,7 @@ def main() -> None:
 
     all_results = report.load_results(args.results)
     try:
-        report.make_chart(all_results, HERE / ("peak_rss_whatif.png" if args.whatif else "peak_rss.png"))
+        report.make_chart(all_results, args.results / "peak_rss.png")
     except ImportError as exc:
         log(f"(no chart: {exc}; pip install matplotlib)")
     print(report.markdown(all_results), file=sys.stderr)

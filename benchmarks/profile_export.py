@@ -49,13 +49,24 @@ def pyspy_profile(cmd: list[str], raw_out: Path, rate: int = 50) -> dict:
     wall = time.perf_counter() - t
     inclusive: collections.Counter = collections.Counter()
     leaf: collections.Counter = collections.Counter()
+    workers: collections.Counter = collections.Counter()
     total = 0
     for line in raw_out.read_text().splitlines():
         stack, n = line.rsplit(" ", 1)
         frames = stack.split(";")
-        if not frames or "threading.py" in frames[0]:  # tqdm's monitor thread etc.: not the main thread
-            continue
         n = int(n)
+        if not frames or "threading.py" in frames[0]:  # worker threads (writer, hashing, tqdm monitor)
+            text = stack
+            if "sha256" in text:
+                kind = "sha256"
+            elif frames[-1].startswith("_WorkItem.run"):  # a builtin called by the pool: the writer's fh.write
+                kind = "write (file.write of tensor bytes)"
+            elif any(w in frames[-1] for w in ("wait", "get (queue", "_worker", "acquire")):
+                kind = "idle (waiting for work)"
+            else:
+                kind = frames[-1] or "(native)"
+            workers[kind] += n
+            continue
         total += n
         seen = set()
         parsed = [FRAME.match(f) for f in frames]
@@ -72,7 +83,8 @@ def pyspy_profile(cmd: list[str], raw_out: Path, rate: int = 50) -> dict:
     sec = lambda n: round(n / rate, 2)  # noqa: E731
     return {"wall_s": round(wall, 2), "main_thread_s": sec(total),
             "inclusive": [(k, sec(v), round(v / total, 3)) for k, v in inclusive.most_common(40)],
-            "leaf": [(k, sec(v), round(v / total, 3)) for k, v in leaf.most_common(20)]}
+            "leaf": [(k, sec(v), round(v / total, 3)) for k, v in leaf.most_common(20)],
+            "worker_threads": [(k, sec(v)) for k, v in workers.most_common(8)]}
 
 
 # --------------------------------------------------------------------------- in-process memory sampler
@@ -212,6 +224,9 @@ def main() -> None:
         print("\n| leaf line | s | share |\n|---|---:|---:|")
         for k, s, f in p["leaf"][:12]:
             print(f"| {k} | {s} | {100 * f:.0f}% |")
+        print("\n| worker threads (all of them together) | s |\n|---|---:|")
+        for k, s in p.get("worker_threads", []):
+            print(f"| {k} | {s} |")
     if "memory" in result:
         m = result["memory"]
         print(f"\n## memory: {tag}, wall {m['wall_s']} s, peak {m['peak']}\n")

@@ -1,6 +1,7 @@
 """Tables, chart and the one-line JSON summary from benchmarks/results/<size>.json.
 
-    python benchmarks/report.py            # print the Markdown tables and the JSON line, redraw the chart
+    python benchmarks/report.py                                        # benchmarks/results
+    python benchmarks/report.py benchmarks/results benchmarks/results_parity   # + the parity rows
 """
 
 from __future__ import annotations
@@ -28,13 +29,24 @@ RATIO_TARGETS = [
 FLAT_LIMIT = 1.25  # "about flat": efexport's peak RSS grows at most 25% from 0.6B to 1.7B (the model grows 2.9x)
 
 
-def load_results(folder: Path = HERE / "results") -> dict[str, dict]:
-    out = {}
-    for f in Path(folder).glob("*.json"):
-        if f.name.startswith("profile_"):
-            continue
-        d = json.loads(f.read_text())
-        out[d["size"]] = d
+def load_results(*folders: Path) -> dict[str, dict]:
+    """Per-size results; with several folders, a later folder adds the tasks an earlier one lacks
+    (e.g. benchmarks/results + benchmarks/results_parity)."""
+    out: dict[str, dict] = {}
+    for folder in folders or (HERE / "results",):
+        for f in sorted(Path(folder).glob("*.json")):
+            if f.name.startswith("profile_"):
+                continue
+            d = json.loads(f.read_text())
+            if d["size"] not in out:
+                out[d["size"]] = d
+                continue
+            base = out[d["size"]]
+            for task, med in d["median"].items():
+                if task not in base["median"]:
+                    base["median"][task] = med
+                    base["reps"][task] = d["reps"][task]
+                    base.setdefault("merged_from", {})[task] = str(folder)
     return {k: out[k] for k in sorted(out, key=lambda s: SIZE_ORDER.index(s) if s in SIZE_ORDER else 99)}
 
 
@@ -60,13 +72,16 @@ def targets(results: dict[str, dict]) -> list[dict]:
                              "value": round(v / bound, 3), "limit": 1.0, "detail": f"{v:.0f} MiB vs {bound:.0f} MiB",
                              "met": v <= bound})
         for name, num, den, metric, limit, only, text in RATIO_TARGETS:
-            a, b = _med(r, num, metric), _med(r, den, metric)
-            if a is None or b is None:
-                continue
-            unit = "s" if metric == "wall_s" else " MiB"
-            rows.append({"size": size, "target": name, "text": text, "value": round(a / b, 3), "limit": limit,
-                         "detail": f"{a:.1f}{unit} vs {b:.1f}{unit}", "met": a / b <= limit,
-                         "applies": only is None or size in only})
+            for variant in ("", "_whatif"):  # _whatif: efexport with the proposed changes (whatif_export.py)
+                a, b = _med(r, num + variant, metric), _med(r, den, metric)
+                if a is None or b is None:
+                    continue
+                unit = "s" if metric == "wall_s" else " MiB"
+                rows.append({"size": size, "target": name + (":proposed" if variant else ""),
+                             "text": text + (" [with the proposed changes]" if variant else ""),
+                             "value": round(a / b, 3), "limit": limit, "proposed": bool(variant),
+                             "detail": f"{a:.1f}{unit} vs {b:.1f}{unit}", "met": a / b <= limit,
+                             "applies": only is None or size in only})
     if "0.6b" in results and "1.7b" in results:
         for task in ("efx_bf16", "efx_int4"):
             a, b = _med(results["1.7b"], task, "peak_rss_mib"), _med(results["0.6b"], task, "peak_rss_mib")
@@ -127,7 +142,10 @@ def markdown(results: dict[str, dict]) -> str:
     lines.append("| size | target | measured | ratio | limit | |")
     lines.append("|---|---|---|---:|---:|---|")
     for row in targets(results):
-        verdict = ("met" if row["met"] else "**missed**") if row["applies"] else "(n/a at this size)"
+        if row.get("proposed"):
+            verdict = ("would be met" if row["met"] else "would still miss") if row["applies"] else "(n/a at this size)"
+        else:
+            verdict = ("met" if row["met"] else "**missed**") if row["applies"] else "(n/a at this size)"
         lines.append(f"| {row['size']} | {row['text']} | {row['detail']} | {row['value']:.2f} | {row['limit']} | {verdict} |")
     return "\n".join(lines)
 
@@ -171,10 +189,17 @@ def make_chart(results: dict[str, dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
     sys.path.insert(0, str(HERE))
-    res = load_results()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folders", nargs="*", type=Path, default=[HERE / "results"],
+                    help="result folders, merged in order (default benchmarks/results)")
+    ap.add_argument("--chart", type=Path, default=HERE / "peak_rss.png")
+    args = ap.parse_args()
+    res = load_results(*args.folders)
     try:
-        make_chart(res, HERE / "peak_rss.png")
+        make_chart(res, args.chart)
     except ImportError as exc:
         print(f"(no chart: {exc})", file=sys.stderr)
     print(markdown(res))

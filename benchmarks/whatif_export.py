@@ -25,6 +25,8 @@ Patches:
               temporaries stay in cache) and cast straight into the preallocated result,
               instead of whole-matrix float32 copies of W0, the sum and the cast; the
               K=r reduction per element is unchanged, so the bytes are the same.
+``no-hash``   attribution only, not a proposal: every sha256 replaced by a constant, to
+              measure what hashing (source digest + artifact manifest) costs end to end.
 ``nf4-fast``  NF4 quantization in cache-sized chunks with the same float operations as
               bitsandbytes' CPU kernel and bucketize replaced by 15 vectorised compares
               (byte-identical output; EFX_WHATIF_CHECK=1 checks every tensor against
@@ -38,7 +40,7 @@ import os
 import struct
 import sys
 
-PATCHES = ("pread", "lazy-bnb", "nf4-fast", "hash-overlap", "merge-chunked")
+PATCHES = ("pread", "lazy-bnb", "nf4-fast", "hash-overlap", "merge-chunked", "no-hash")
 
 
 def patch_pread() -> None:
@@ -260,6 +262,14 @@ def patch_merge_chunked(rows: int = 256) -> None:
     transforms._merged = _merged
 
 
+def patch_no_hash() -> None:
+    from converter import export, manifest
+
+    stub = lambda path, *a, **k: "0" * 64  # noqa: E731
+    manifest.sha256_file = stub
+    export.sha256_file = stub
+
+
 def main() -> None:
     argv = sys.argv[1:]
     patches: list[str] = []
@@ -273,7 +283,7 @@ def main() -> None:
         raise SystemExit(f"unknown patches {sorted(unknown)}; known: {', '.join(PATCHES)}")
     for p in patches:
         {"pread": patch_pread, "lazy-bnb": patch_lazy_bnb, "nf4-fast": patch_nf4_fast,
-         "hash-overlap": patch_hash_overlap, "merge-chunked": patch_merge_chunked}[p]()
+         "hash-overlap": patch_hash_overlap, "merge-chunked": patch_merge_chunked, "no-hash": patch_no_hash}[p]()
     from converter.cli import main as cli_main
 
     sys.argv = ["efexport", *argv]
