@@ -390,17 +390,26 @@ def _copy_side_files(pipe: Pipeline, tmp: Path) -> None:
             break
 
 
-def _hf_parity(prepared: Prepared, tmp: Path) -> dict[str, Any]:
+def measure_parity(prepared: Prepared, candidate_logits, engine: str | None = None) -> dict[str, Any]:
+    """The source run in float32 through the loader vs ``candidate_logits(batches)`` (every format's parity)."""
     from .loader import load_model
     from .parity import run_parity
-    from .runtime import load_weights
 
-    opts, layout = prepared.opts, prepared.pipe.target.layout
+    opts = prepared.opts
     return run_parity(
         lambda: load_model(opts.run, checkpoint=opts.checkpoint, device="cpu", dtype="float32", base_model=opts.base_model),
-        lambda: load_weights(tmp, layout, opts.precision, torch.device("cpu"), None),
-        num_parameters=_num_parameters(prepared.pipe), candidate_bytes=prepared.planned_bytes,
+        candidate_logits, num_parameters=_num_parameters(prepared.pipe), candidate_bytes=prepared.planned_bytes,
+        engine=engine,
     )
+
+
+def _hf_parity(prepared: Prepared, tmp: Path) -> dict[str, Any]:
+    from .parity import logits_of
+    from .runtime import load_weights
+
+    layout, precision = prepared.pipe.target.layout, prepared.opts.precision
+    return measure_parity(
+        prepared, lambda batches: logits_of(load_weights(tmp, layout, precision, torch.device("cpu"), None), batches))
 
 
 def _write_gguf(prepared: Prepared, tmp: Path) -> dict[str, Any]:
@@ -437,16 +446,10 @@ def _gguf_parity(prepared: Prepared, gguf_file: Path) -> dict[str, Any]:
     except ImportError:
         return {"skipped": "llama-cpp-python is not installed (pip install 'efexport[gguf]')", "reference": "source run, float32"}
     from .gguf_sink import llama_cpp_logits
-    from .loader import load_model
-    from .parity import compare, logits_of, probe_batches
 
-    opts = prepared.opts
-    loaded = load_model(opts.run, checkpoint=opts.checkpoint, device="cpu", dtype="float32", base_model=opts.base_model)
-    batches = probe_batches(loaded.tokenizer, loaded.model.config.get_text_config().vocab_size)
-    reference = logits_of(loaded.model, batches)
-    del loaded
-    candidate = [llama_cpp_logits(gguf_file, b[0].tolist()).unsqueeze(0) for b in batches]
-    return compare(reference, candidate, "source run, float32", engine=f"llama.cpp {llama_cpp.__version__}")
+    return measure_parity(
+        prepared, lambda batches: [llama_cpp_logits(gguf_file, b[0].tolist()).unsqueeze(0) for b in batches],
+        engine=f"llama.cpp {llama_cpp.__version__}")
 
 
 def _num_parameters(pipe: Pipeline) -> int:

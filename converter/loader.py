@@ -100,9 +100,7 @@ def load_model(
     float_dtype = resolve_float_dtype(dtype, precision)
     require_bitsandbytes(precision)
     with open_pipeline(path, checkpoint, for_loading=True, base_model=base_model, download_base=download_base) as pipe:
-        if float_dtype is None and precision is None:
-            float_dtype = None  # keep each tensor's stored dtype
-        quantized = pipe.quantizable() if precision in ("int4", "int8") else set()
+        quantized = pipe.quantizable if precision in ("int4", "int8") else set()
         plan = pipe.planned(precision, float_dtype)
         model = build_model(pipe.target.hf_config, pipe.target.structure, plan, precision, quantized)
         tokenizer = load_tokenizer(pipe.tokenizer_dir())

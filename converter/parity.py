@@ -107,9 +107,14 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def run_parity(load_reference: Callable[[], Any], load_candidate: Callable[[], Any], *, num_parameters: int,
-               candidate_bytes: int, reference_name: str = "source run, float32") -> dict[str, Any]:
-    """Load the reference, take its logits, free it, then the candidate; skip (saying why) if it cannot fit."""
+def run_parity(load_reference: Callable[[], Any], candidate_logits: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+               *, num_parameters: int, candidate_bytes: int, reference_name: str = "source run, float32",
+               engine: str | None = None) -> dict[str, Any]:
+    """Load the reference, take its logits, free it, then the candidate's; skip (saying why) if it cannot fit.
+
+    ``candidate_logits(batches)`` runs the artifact however it is read: transformers or
+    the runtime loader, llama.cpp, or PEFT on the run's base weights.
+    """
     need = max(num_parameters * 4, candidate_bytes) * 1.3
     have = available_memory()
     if need > have:
@@ -119,5 +124,4 @@ def run_parity(load_reference: Callable[[], Any], load_candidate: Callable[[], A
     batches = probe_batches(loaded.tokenizer, loaded.model.config.get_text_config().vocab_size)
     reference = logits_of(loaded.model, batches)
     del loaded
-    candidate = load_candidate()
-    return compare(reference, logits_of(candidate, batches), reference_name)
+    return compare(reference, candidate_logits(batches), reference_name, engine=engine)

@@ -78,20 +78,17 @@ def base_plan(pipe) -> TensorPlan:
 
 
 def _parity(prepared, tmp: Path) -> dict[str, Any]:
-    from peft import PeftModel
-
-    from .loader import load_model
+    from .export import measure_parity
     from .model_sink import build_model
-    from .parity import compare, logits_of, probe_batches
 
-    opts, pipe = prepared.opts, prepared.pipe
-    loaded = load_model(opts.run, checkpoint=opts.checkpoint, device="cpu", dtype="float32")
-    batches = probe_batches(loaded.tokenizer, loaded.model.config.get_text_config().vocab_size)
-    reference = logits_of(loaded.model, batches)
-    del loaded
-    base = build_model(pipe.target.hf_config, None, base_plan(pipe), None, set())
-    model = PeftModel.from_pretrained(base, str(tmp), torch_device="cpu").eval()
-    with torch.no_grad():
-        candidate = [model(input_ids=b).logits.float() for b in batches]
-    return compare(reference, candidate, "source run, float32", engine="peft (PeftModel on the run's base weights)")
+    pipe = prepared.pipe
 
+    def adapter_logits(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        from peft import PeftModel
+
+        base = build_model(pipe.target.hf_config, None, base_plan(pipe), None, set())
+        model = PeftModel.from_pretrained(base, str(tmp), torch_device="cpu").eval()
+        with torch.no_grad():
+            return [model(input_ids=b).logits.float() for b in batches]
+
+    return measure_parity(prepared, adapter_logits, engine="peft (PeftModel on the run's base weights)")

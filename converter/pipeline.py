@@ -10,6 +10,7 @@ sinks of the plan it returns.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +34,9 @@ class Pipeline:
     injection: Injection
     target: Target
 
+    @cached_property
     def quantizable(self) -> set[str]:
+        """Weights bitsandbytes would quantize, read off a meta model of the target (built once)."""
         return quantizable_names(meta_model(self.target.hf_config, self.target.structure))
 
     def keep_dtype(self) -> Callable[[str], bool]:
@@ -44,7 +47,7 @@ class Pipeline:
 
     def planned(self, precision: str | None, float_dtype: torch.dtype | None = None) -> TensorPlan:
         """The target's tensors after the precision stage."""
-        quantizable = self.quantizable() if precision in ("int4", "int8") else set()
+        quantizable = self.quantizable if precision in ("int4", "int8") else set()
         return apply_precision(self.target.plan, precision, quantizable, self.keep_dtype(), float_dtype)
 
     def source_dtype(self) -> torch.dtype:
