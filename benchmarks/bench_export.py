@@ -14,6 +14,21 @@ one process at a time, each repetition running every task once (interleaved):
                 transformers: from_pretrained(merged bf16, BitsAndBytesConfig nf4 + double quant) + save_pretrained
   loading       converter.runtime.load_artifact(ART) vs AutoModelForCausalLM.from_pretrained(ART)
 
+With --gguf (results to benchmarks/results_gguf):
+
+  gguf q8_0     efexport RUN --format gguf --precision q8_0 --no-verify
+                the path a user has today: PEFT merge + save_pretrained (bf16, with the tokenizer),
+                then llama.cpp's convert_hf_to_gguf.py --outtype q8_0
+  gguf q4_k_m   efexport RUN --format gguf --precision q4_k_m --no-verify
+                PEFT merge + save, convert_hf_to_gguf.py --outtype f16, llama_model_quantize Q4_K_M
+  (both chains delete their intermediate folders and files at the end, as efexport does)
+
+llama.cpp's converter comes from the llama-cpp-python sdist of the installed version
+(``pip download --no-binary``, unpacked into the work folder; --llama-cpp to use a tree at
+hand); it needs sentencepiece (in the ``bench`` extra). Before measuring, both paths' GGUF
+files are compared once (benchmarks/compare_gguf.py: tensor names, types and shapes, the
+metadata keys, which tensors are byte-identical) and the comparison is saved with the results.
+
 Every measured process is a fresh subprocess (efexport through its CLI, exactly as a user
 runs it), measured by benchmarks/measure.py: wall time, CPU time, peak RSS of the process
 tree. Inputs are read once before each measurement (warm page cache for every tool) and
@@ -77,6 +92,18 @@ TASKS.update({
     "efx_int4_whatif": ("whatif", "efexport int4 --no-verify + proposed changes (" + WHATIF_PATCHES["int4"] + ")"),
 })
 WHATIF_TASKS = {"efx_bf16_whatif", "efx_int4_whatif"}
+# --gguf: GGUF export against PEFT merge + llama.cpp's converter (+ llama_model_quantize)
+TASKS.update({
+    "efx_gguf_q8_0": ("gguf", "efexport --format gguf --precision q8_0 --no-verify"),
+    "llamacpp_q8_0": ("gguf", "PEFT merge + save, convert_hf_to_gguf.py --outtype q8_0"),
+    "efx_gguf_q4_k_m": ("gguf", "efexport --format gguf --precision q4_k_m --no-verify"),
+    "llamacpp_q4_k_m": ("gguf", "PEFT merge + save, convert_hf_to_gguf.py f16, llama_model_quantize Q4_K_M"),
+})
+GGUF_TASKS = {"efx_gguf_q8_0", "llamacpp_q8_0", "efx_gguf_q4_k_m", "llamacpp_q4_k_m"}
+# The synthetic tokenizer is a plain GPT-2 byte-level BPE (tests/fixtures/runs.py) that llama.cpp's
+# hash table cannot know; efexport identifies it from its configuration as gpt-2, and the
+# converter is told the same (baselines.py convert-gguf --pre). compare_gguf.py checks both agree.
+GGUF_PRE = "gpt-2"
 
 
 def log(msg: str) -> None:
@@ -212,9 +239,79 @@ def setup_artifacts(size: str, root: Path, p: dict[str, Path], shard: str, env: 
     return out
 
 
-def task_commands(p: dict[str, Path], a: dict[str, Path], out: Path, shard: str) -> dict[str, tuple[list[str], list[Path]]]:
+def ensure_llama_cpp(work: Path, given: Path | None) -> Path:
+    """llama.cpp's source tree (convert_hf_to_gguf.py, conversion/, gguf-py/) from the sdist of the
+    installed llama-cpp-python, so the converter matches the llama.cpp that efexport quantizes with."""
+    if given is not None:
+        if not (given / "convert_hf_to_gguf.py").is_file():
+            raise SystemExit(f"--llama-cpp {given}: no convert_hf_to_gguf.py there")
+        return given
+    import tarfile
+    from importlib.metadata import version
+
+    ver = version("llama_cpp_python")
+    tree = work / f"llama.cpp-{ver}"
+    if (tree / "convert_hf_to_gguf.py").is_file():
+        return tree
+    sdist = work / "sdist"
+    log(f"fetching the llama-cpp-python {ver} sdist for llama.cpp's convert_hf_to_gguf.py")
+    subprocess.run([PY, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                    f"llama-cpp-python=={ver}", "-d", str(sdist)], check=True)
+    archive = next(sdist.glob("llama_cpp_python-*.tar.gz"))
+    prefix = f"{archive.name[:-len('.tar.gz')]}/vendor/llama.cpp/"
+    with tarfile.open(archive) as tf:
+        members = [m for m in tf.getmembers() if m.name.startswith(prefix) and (
+            m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith((prefix + "conversion/", prefix + "gguf-py/")))]
+        for m in members:
+            m.name = m.name[len(prefix):]
+        tf.extractall(tree, members=members, filter="data")
+    return tree
+
+
+def gguf_chains(p: dict[str, Path], out: Path, llama_cpp: Path) -> dict[str, list[str]]:
+    """The user's path today, one shell line per GGUF type (intermediates removed at the end)."""
+    q = lambda x: f'"{x}"'  # noqa: E731
+    merged, f16 = out / "merged", out / "model-f16.gguf"
+    merge = (f"{q(PY)} {q(BASELINES)} peft-merge --base {q(p['base'])} --adapter {q(p['adapter'])} "
+             f"--out {q(merged)} --with-tokenizer")
+    convert = f"{q(PY)} {q(BASELINES)} convert-gguf --llama-cpp {q(llama_cpp)} --pre {GGUF_PRE} {q(merged)}"
+    return {
+        "llamacpp_q8_0": ["sh", "-c", f"mkdir -p {q(out)} && {merge} && {convert} --outtype q8_0 "
+                                      f"--outfile {q(out / 'model-Q8_0.gguf')} && rm -rf {q(merged)}"],
+        "llamacpp_q4_k_m": ["sh", "-c", f"mkdir -p {q(out)} && {merge} && {convert} --outtype f16 --outfile {q(f16)} && "
+                                        f"{q(PY)} {q(BASELINES)} quantize-gguf {q(f16)} {q(out / 'model-Q4_K_M.gguf')} q4_k_m"
+                                        f" && rm -rf {q(merged)} {q(f16)}"],
+    }
+
+
+def compare_gguf_outputs(size: str, root: Path, p: dict[str, Path], env: dict, llama_cpp: Path) -> dict:
+    """Make each GGUF type once both ways (unmeasured) and compare the files (compare_gguf.py)."""
+    result = {}
+    for gtype in ("q8_0", "q4_k_m"):
+        efx_dir, base_dir = root / "gguf_check" / f"efexport_{gtype}", root / "gguf_check" / f"llamacpp_{gtype}"
+        for d in (efx_dir, base_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        efx_dir.parent.mkdir(parents=True, exist_ok=True)
+        log(f"[{size}] setup (unmeasured): both GGUF {gtype} files, compared")
+        for cmd in ([EFEXPORT, str(p["run"]), "--format", "gguf", "--precision", gtype, "--out", str(efx_dir),
+                     "--quiet", "--no-verify"], gguf_chains(p, base_dir, llama_cpp)[f"llamacpp_{gtype}"]):
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
+            if r.returncode != 0:
+                raise SystemExit(f"setup gguf {gtype} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        r = subprocess.run([PY, str(HERE / "compare_gguf.py"), str(next(efx_dir.glob("*.gguf"))),
+                            str(next(base_dir.glob("*.gguf")))], env=env, capture_output=True, text=True, check=True)
+        result[gtype] = json.loads(r.stdout.strip().splitlines()[-1])
+        log(f"    {gtype}: {result[gtype]['summary']}")
+        shutil.rmtree(root / "gguf_check")
+    return result
+
+
+def task_commands(p: dict[str, Path], a: dict[str, Path], out: Path, shard: str,
+                  llama_cpp: Path | None = None) -> dict[str, tuple[list[str], list[Path]]]:
     """task -> (command, inputs to pre-read)."""
     run, ckpt = str(p["run"]), str(p["checkpoint"])
+    gguf = lambda t: [EFEXPORT, run, "--format", "gguf", "--precision", t, "--out", str(out), "--quiet", "--no-verify"]  # noqa: E731
+    chains = gguf_chains(p, out, llama_cpp) if llama_cpp else {}
     efx = lambda prec, verify: [EFEXPORT, run, "--out", str(out), "--precision", prec, "--max-shard-size", shard,  # noqa: E731
                                 "--quiet"] + ([] if verify else ["--no-verify"])
     return {
@@ -237,18 +334,27 @@ def task_commands(p: dict[str, Path], a: dict[str, Path], out: Path, shard: str)
         "from_pretrained_bf16": ([PY, BASELINES, "from-pretrained", str(a["art_bf16"])], [a["art_bf16"]]),
         "load_artifact_int4": ([PY, BASELINES, "load-artifact", str(a["art_int4"])], [a["art_int4"]]),
         "from_pretrained_int4": ([PY, BASELINES, "from-pretrained", str(a["art_int4"])], [a["art_int4"]]),
+        "efx_gguf_q8_0": (gguf("q8_0"), [p["run"]]),
+        "efx_gguf_q4_k_m": (gguf("q4_k_m"), [p["run"]]),
+        **{t: (cmd, [p["base"], p["adapter"]]) for t, cmd in chains.items()},
     }
 
 
 def _phases(log_path: Path) -> dict | None:
+    """The in-process phases a command printed; a chain of baselines.py steps prints one line
+    per step, summed here (every step's imports add up under "import")."""
     try:
         lines = log_path.read_text(errors="replace").splitlines()
     except OSError:
         return None
-    for line in reversed(lines):
-        if line.startswith('{"phases"'):
-            return json.loads(line)["phases"]
-    return None
+    found = [json.loads(line)["phases"] for line in lines if line.startswith('{"phases"')]
+    if not found:
+        return None
+    total: dict = {}
+    for ph in found:
+        for k, v in ph.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def _downsample(timeline: list, step: float = 0.1) -> list:
@@ -273,7 +379,11 @@ def bench_size(size: str, args, env: dict) -> dict:
     if args.whatif:
         order = ["cp", "efx_bf16", "efx_bf16_whatif", "peft_bf16", "efx_int4", "efx_int4_whatif", "tf_int4"]
         tasks = [t for t in order if t in args.tasks or t in WHATIF_TASKS]
-    cmds = task_commands(p, a, out, shard)
+    llama_cpp = None
+    if args.gguf:
+        tasks = ["cp", "efx_gguf_q8_0", "llamacpp_q8_0", "efx_gguf_q4_k_m", "llamacpp_q4_k_m"]
+        llama_cpp = ensure_llama_cpp(args.work, args.llama_cpp)
+    cmds = task_commands(p, a, out, shard, llama_cpp)
     quiet_wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if size == "tiny" else 300.0)
     retries = args.retries if args.retries is not None else (0 if size == "tiny" else 2)
     shards = sorted(p["checkpoint"].glob("*.safetensors"))
@@ -289,6 +399,8 @@ def bench_size(size: str, args, env: dict) -> dict:
         "commands": {t: " ".join(cmds[t][0]).replace(str(REPO) + "/", "") for t in tasks},
         "reps": {t: [] for t in tasks},
     }
+    if args.gguf:
+        info["gguf_compare"] = compare_gguf_outputs(size, root, p, env, llama_cpp)
     for rep in range(args.reps):
         for task in tasks:
             cmd, inputs = cmds[task]
@@ -340,7 +452,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--work", type=Path, default=HERE / "_work")
     ap.add_argument("--results", type=Path, default=None, help="default benchmarks/results (results_whatif with --whatif)")
-    ap.add_argument("--tasks", default=",".join(t for t in TASKS if t not in WHATIF_TASKS), help="comma-separated subset of: " + ", ".join(TASKS))
+    ap.add_argument("--tasks", default=",".join(t for t in TASKS if t not in WHATIF_TASKS | GGUF_TASKS), help="comma-separated subset of: " + ", ".join(TASKS))
     ap.add_argument("--no-parity", action="store_true", help="skip the with-parity efexport variants")
     ap.add_argument("--quiet-wait", type=float, default=None,
                     help="max seconds to wait for an idle machine before each measurement (default 300; 0 for tiny)")
@@ -351,13 +463,19 @@ def main() -> None:
     ap.add_argument("--whatif", action="store_true",
                     help="measure efexport with the proposed changes of whatif_export.py beside efexport, PEFT, transformers "
                          "and cp (results to --results, default benchmarks/results_whatif)")
+    ap.add_argument("--gguf", action="store_true",
+                    help="measure GGUF export (q8_0, q4_k_m) against PEFT merge + llama.cpp's convert_hf_to_gguf.py "
+                         "(+ llama_model_quantize); results to --results, default benchmarks/results_gguf")
+    ap.add_argument("--llama-cpp", type=Path, default=None,
+                    help="llama.cpp source tree with convert_hf_to_gguf.py (default: unpacked from the llama-cpp-python "
+                         "sdist of the installed version)")
     ap.add_argument("--converter-from", type=Path, default=None,
                     help="folder holding the converter/ to measure (default: this checkout), e.g. a saved snapshot")
     ap.add_argument("--keep", action="store_true", help="keep benchmarks/_work (synthetic runs) for a later run")
     args = ap.parse_args()
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.results is None:
-        args.results = HERE / ("results_whatif" if args.whatif else "results")
+        args.results = HERE / ("results_whatif" if args.whatif else "results_gguf" if args.gguf else "results")
     unknown = set(args.tasks) - set(TASKS)
     if unknown:
         ap.error(f"unknown tasks: {sorted(unknown)}")

@@ -25,7 +25,17 @@ RATIO_TARGETS = [
      "load_artifact <= 1.1x from_pretrained (bf16 artifact, process wall)"),
     ("load_int4_vs_from_pretrained", "load_artifact_int4", "from_pretrained_int4", "wall_s", 1.1, None,
      "load_artifact <= 1.1x from_pretrained (int4 artifact, process wall)"),
+    # GGUF (bench_export.py --gguf): against PEFT merge + llama.cpp's convert_hf_to_gguf.py (+ quantize)
+    ("gguf_q8_0_wall_vs_llamacpp", "efx_gguf_q8_0", "llamacpp_q8_0", "wall_s", 1.0, None,
+     "GGUF q8_0 export wall <= the PEFT + convert_hf_to_gguf.py path"),
+    ("gguf_q8_0_rss_vs_llamacpp", "efx_gguf_q8_0", "llamacpp_q8_0", "peak_rss_mib", 0.5, None,
+     "GGUF q8_0 export peak RSS far under (<= 0.5x) the PEFT + convert path"),
+    ("gguf_q4_k_m_wall_vs_llamacpp", "efx_gguf_q4_k_m", "llamacpp_q4_k_m", "wall_s", 1.0, None,
+     "GGUF q4_k_m export wall <= the PEFT + convert + llama_model_quantize path"),
+    ("gguf_q4_k_m_rss_vs_llamacpp", "efx_gguf_q4_k_m", "llamacpp_q4_k_m", "peak_rss_mib", 0.5, None,
+     "GGUF q4_k_m export peak RSS far under (<= 0.5x) the PEFT + convert + quantize path"),
 ]
+FLAT_TASKS = {"efx_bf16": "bf16", "efx_int4": "int4", "efx_gguf_q8_0": "GGUF q8_0", "efx_gguf_q4_k_m": "GGUF q4_k_m"}
 FLAT_LIMIT = 1.25  # "about flat": efexport's peak RSS grows at most 25% from 0.6B to 1.7B (the model grows 2.9x)
 
 
@@ -83,11 +93,11 @@ def targets(results: dict[str, dict]) -> list[dict]:
                              "detail": f"{a:.1f}{unit} vs {b:.1f}{unit}", "met": a / b <= limit,
                              "applies": only is None or size in only})
     if "0.6b" in results and "1.7b" in results:
-        for task in ("efx_bf16", "efx_int4"):
+        for task, label in FLAT_TASKS.items():
             a, b = _med(results["1.7b"], task, "peak_rss_mib"), _med(results["0.6b"], task, "peak_rss_mib")
             if a is not None and b is not None:
                 rows.append({"size": "0.6b->1.7b", "target": f"{task}_rss_flat",
-                             "text": f"{'bf16' if 'bf16' in task else 'int4'} export peak RSS about flat 0.6B -> 1.7B (<= {FLAT_LIMIT}x)",
+                             "text": f"{label} export peak RSS about flat 0.6B -> 1.7B (<= {FLAT_LIMIT}x)",
                              "value": round(a / b, 3), "limit": FLAT_LIMIT, "detail": f"{b:.0f} -> {a:.0f} MiB",
                              "met": a / b <= FLAT_LIMIT})
     for row in rows:
@@ -139,6 +149,10 @@ def markdown(results: dict[str, dict]) -> str:
                          f"{v['cpu_s']:.1f} | {v['peak_rss_mib']:.0f} | {v['peak_rss_anon_mib']:.0f} | "
                          f"{100 * v['foreign_cpu_frac']:.0f}% | {phs} |")
         lines.append("")
+        for gtype, c in (r.get("gguf_compare") or {}).items():
+            lines.append(f"- {gtype}, efexport's file vs llama.cpp's converter's: {c['summary']}")
+        if r.get("gguf_compare"):
+            lines.append("")
     lines.append("| size | target | measured | ratio | limit | |")
     lines.append("|---|---|---|---:|---:|---|")
     for row in targets(results):
