@@ -22,6 +22,8 @@ With --gguf (results to benchmarks/results_gguf):
   gguf q4_k_m   efexport RUN --format gguf --precision q4_k_m --no-verify
                 PEFT merge + save, convert_hf_to_gguf.py --outtype f16, llama_model_quantize Q4_K_M
   (both chains delete their intermediate folders and files at the end, as efexport does)
+  quantize only llama_model_quantize of an f16 GGUF to Q4_K_M on its own: what llama.cpp's
+                K-quant step needs whoever calls it (both paths above include it)
 
 llama.cpp's converter comes from the llama-cpp-python sdist of the installed version
 (``pip download --no-binary``, unpacked into the work folder; --llama-cpp to use a tree at
@@ -98,8 +100,9 @@ TASKS.update({
     "llamacpp_q8_0": ("gguf", "PEFT merge + save, convert_hf_to_gguf.py --outtype q8_0"),
     "efx_gguf_q4_k_m": ("gguf", "efexport --format gguf --precision q4_k_m --no-verify"),
     "llamacpp_q4_k_m": ("gguf", "PEFT merge + save, convert_hf_to_gguf.py f16, llama_model_quantize Q4_K_M"),
+    "quantize_only_q4_k_m": ("gguf", "llama_model_quantize alone, f16 GGUF -> Q4_K_M (the K-quant step's own floor)"),
 })
-GGUF_TASKS = {"efx_gguf_q8_0", "llamacpp_q8_0", "efx_gguf_q4_k_m", "llamacpp_q4_k_m"}
+GGUF_TASKS = {"efx_gguf_q8_0", "llamacpp_q8_0", "efx_gguf_q4_k_m", "llamacpp_q4_k_m", "quantize_only_q4_k_m"}
 # The synthetic tokenizer is a plain GPT-2 byte-level BPE (tests/fixtures/runs.py) that llama.cpp's
 # hash table cannot know; efexport identifies it from its configuration as gpt-2, and the
 # converter is told the same (baselines.py convert-gguf --pre). compare_gguf.py checks both agree.
@@ -306,6 +309,21 @@ def compare_gguf_outputs(size: str, root: Path, p: dict[str, Path], env: dict, l
     return result
 
 
+def gguf_f16(size: str, root: Path, p: dict[str, Path], env: dict) -> Path:
+    """The f16 GGUF that quantize_only_q4_k_m reads (unmeasured; efexport --precision fp16)."""
+    folder = root / "artifacts" / "gguf_f16"
+    found = sorted(folder.glob("*.gguf"))
+    if found:
+        return found[0]
+    shutil.rmtree(folder, ignore_errors=True)
+    log(f"[{size}] setup (unmeasured): f16 GGUF for the quantize-only task")
+    r = subprocess.run([EFEXPORT, str(p["run"]), "--format", "gguf", "--precision", "fp16", "--out", str(folder),
+                        "--quiet", "--no-verify"], env=env, capture_output=True, text=True, cwd=root)
+    if r.returncode != 0:
+        raise SystemExit(f"setup gguf f16 failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return next(folder.glob("*.gguf"))
+
+
 def task_commands(p: dict[str, Path], a: dict[str, Path], out: Path, shard: str,
                   llama_cpp: Path | None = None) -> dict[str, tuple[list[str], list[Path]]]:
     """task -> (command, inputs to pre-read)."""
@@ -336,6 +354,8 @@ def task_commands(p: dict[str, Path], a: dict[str, Path], out: Path, shard: str,
         "from_pretrained_int4": ([PY, BASELINES, "from-pretrained", str(a["art_int4"])], [a["art_int4"]]),
         "efx_gguf_q8_0": (gguf("q8_0"), [p["run"]]),
         "efx_gguf_q4_k_m": (gguf("q4_k_m"), [p["run"]]),
+        "quantize_only_q4_k_m": ([PY, BASELINES, "quantize-gguf", str(a.get("gguf_f16", "")), str(out), "q4_k_m"],
+                                 [a["gguf_f16"]] if "gguf_f16" in a else []),
         **{t: (cmd, [p["base"], p["adapter"]]) for t, cmd in chains.items()},
     }
 
@@ -381,8 +401,10 @@ def bench_size(size: str, args, env: dict) -> dict:
         tasks = [t for t in order if t in args.tasks or t in WHATIF_TASKS]
     llama_cpp = None
     if args.gguf:
-        tasks = ["cp", "efx_gguf_q8_0", "llamacpp_q8_0", "efx_gguf_q4_k_m", "llamacpp_q4_k_m"]
+        order = ["cp", "efx_gguf_q8_0", "llamacpp_q8_0", "efx_gguf_q4_k_m", "llamacpp_q4_k_m", "quantize_only_q4_k_m"]
+        tasks = [t for t in order if t in args.tasks] or order  # --tasks names a subset, else all of them
         llama_cpp = ensure_llama_cpp(args.work, args.llama_cpp)
+        a["gguf_f16"] = gguf_f16(size, root, p, env)
     cmds = task_commands(p, a, out, shard, llama_cpp)
     quiet_wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if size == "tiny" else 300.0)
     retries = args.retries if args.retries is not None else (0 if size == "tiny" else 2)

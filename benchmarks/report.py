@@ -48,6 +48,8 @@ def load_results(*folders: Path) -> dict[str, dict]:
             if f.name.startswith("profile_"):
                 continue
             d = json.loads(f.read_text())
+            if "size" not in d:  # e.g. results_gguf/parity.json (gguf_parity.py)
+                continue
             if d["size"] not in out:
                 out[d["size"]] = d
                 continue

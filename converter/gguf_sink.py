@@ -601,6 +601,9 @@ class _Out:
     qtype: Any                      # gguf.GGMLQuantizationType
     produce: Callable[[], torch.Tensor]
     n_params: int
+    # Rows [start, stop) straight from the source, when the tensor is taken as it is:
+    # the writer then streams it (the embedding is the largest tensor of most models).
+    rows: Callable[[int, int], torch.Tensor] | None = None
 
 
 def _permute(w: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.Tensor:
@@ -694,22 +697,30 @@ class _EncodedTensor:
 
     ``GGUFWriter.write_tensor_data`` only needs ``nbytes`` and ``tofile``; handing it
     this object instead of a full array means neither the whole float32 copy nor the
-    whole encoded array has to exist next to the source tensor.
+    whole encoded array has to exist next to the source tensor. With ``rows`` (a reader
+    of source rows) not even the source tensor is held whole: each chunk is read,
+    encoded and written in turn.
     """
 
-    def __init__(self, t: torch.Tensor, qtype) -> None:
-        self.t, self.qtype = t, qtype
-        self.nbytes = _nbytes(tuple(t.shape), qtype)
+    def __init__(self, t: torch.Tensor | None, qtype, *, shape: tuple[int, ...] | None = None,
+                 rows: Callable[[int, int], torch.Tensor] | None = None) -> None:
+        self.qtype = qtype
+        if rows is None:
+            t = t.detach().to("cpu")
+            flat = t.reshape(-1, t.shape[-1]) if t.ndim else t.reshape(1, 1)
+            self.rows, self.n_rows, self.row_len = (lambda a, b: flat[a:b]), flat.shape[0], flat.shape[1]
+            shape = tuple(t.shape)
+        else:
+            self.rows, self.n_rows, self.row_len = rows, shape[0], int(np.prod(shape[1:]))
+        self.nbytes = _nbytes(shape, qtype)
 
     def _chunks(self) -> Iterable[np.ndarray]:
         import gguf
 
         Q = gguf.GGMLQuantizationType
-        t = self.t.detach().to("cpu")
-        rows = t.reshape(-1, t.shape[-1]) if t.ndim else t.reshape(1, 1)
-        step = max(1, _CHUNK_ELEMS // max(1, rows.shape[1]))
-        for r0 in range(0, rows.shape[0], step):
-            chunk = rows[r0:r0 + step]
+        step = max(1, _CHUNK_ELEMS // max(1, self.row_len))
+        for r0 in range(0, self.n_rows, step):
+            chunk = self.rows(r0, min(self.n_rows, r0 + step)).reshape(-1, self.row_len)
             if self.qtype == Q.BF16:
                 yield chunk.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
                 continue
@@ -754,11 +765,13 @@ def _build_outputs(plan: list[PlannedTensor], hf_config: dict, arch: str, family
         outs.append(_Out("rope_freqs.weight", tuple(factors.shape), gguf.GGMLQuantizationType.F32,
                          lambda f=factors: f, 0))
 
-    def transform(hf_name: str, t: torch.Tensor) -> torch.Tensor:
-        needs = (family in ("llama", "mixtral") and hf_name.endswith(
+    def needs_transform(hf_name: str) -> bool:
+        return (family in ("llama", "mixtral") and hf_name.endswith(
             ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"))) or (
             family == "gemma3" and hf_name.endswith("norm.weight"))
-        if not needs:
+
+    def transform(hf_name: str, t: torch.Tensor) -> torch.Tensor:
+        if not needs_transform(hf_name):
             return t  # cast chunk by chunk while encoding
         t = t.to(torch.float32)
         if family in ("llama", "mixtral") and not skip_permute:
@@ -845,8 +858,10 @@ def _build_outputs(plan: list[PlannedTensor], hf_config: dict, arch: str, family
             continue
         shape = tuple(p.shape)
         qt = _qtype_for(gname, shape, gguf_type, tied)
-        outs.append(_Out(gname, shape, qt, lambda f=_producer(p, qt), n=name: transform(n, f()),
-                         int(np.prod(shape)) if shape else 1))
+        producer = _producer(p, qt)
+        as_is = len(shape) == 2 and producer is p.produce and not needs_transform(name)
+        outs.append(_Out(gname, shape, qt, lambda f=producer, n=name: transform(n, f()),
+                         int(np.prod(shape)) if shape else 1, p.produce_rows if as_is else None))
 
     if unknown:
         raise _err(
@@ -1045,6 +1060,11 @@ def _write_stream(outs: list[_Out], w, path: Path, progress: Callable[[int], Non
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for o in outs:
+            if o.rows is not None:
+                data = _EncodedTensor(None, o.qtype, shape=o.shape, rows=o.rows)
+                w.write_tensor_data(data)  # type: ignore[arg-type]  # duck-typed: nbytes + tofile
+                progress(int(data.nbytes))
+                continue
             t = o.produce()
             if tuple(t.shape) != tuple(o.shape):
                 raise _err(

@@ -26,6 +26,9 @@ class PlannedTensor:
     # For computed tensors (LoRA merges): the float32 result before its cast to ``dtype``,
     # so a later cast or quantization rounds once, not twice.
     produce_f32: Callable[[], torch.Tensor] | None = None
+    # For tensors taken as they are: rows [start, stop) read on their own, so a sink can
+    # stream a large tensor (the embedding) in pieces instead of holding all of it.
+    produce_rows: Callable[[int, int], torch.Tensor] | None = None
 
     def produce_exact(self) -> torch.Tensor:
         return self.produce_f32() if self.produce_f32 is not None else self.produce()

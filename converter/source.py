@@ -190,20 +190,32 @@ class TensorSource:
         info = self.infos[name]
         if info.file in self._pickled:
             return self._pickled[info.file][name]
+        return self._pread(info, 0, info.nbytes).view(info.dtype).reshape(info.shape)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of a tensor (along its first dimension), read on their own:
+        a sink can stream a large tensor taken as it is (the embedding) in pieces."""
+        info = self.infos[name]
+        if info.file in self._pickled:
+            return self._pickled[info.file][name][start:stop]
+        row_bytes = info.nbytes // max(1, info.shape[0])
+        stop = min(stop, info.shape[0])
+        buf = self._pread(info, start * row_bytes, (stop - start) * row_bytes)
+        return buf.view(info.dtype).reshape(stop - start, *info.shape[1:])
+
+    def _pread(self, info: TensorInfo, start: int, nbytes: int) -> torch.Tensor:
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         view, done = memoryview(buf.numpy()), 0
-        while done < info.nbytes:
-            got = os.preadv(fd, [view[done:]], info.offset + done)
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], info.offset + start + done)
             if got <= 0:
                 raise fail(f"read {info.file.name}: it ended early (truncated while reading?)",
                            f"re-copy or re-save {info.file}.", SEE_LOADING)
             done += got
-        if info.dtype == torch.bool:
-            return buf.view(torch.bool).reshape(info.shape)
-        return buf.view(info.dtype).reshape(info.shape)
+        return buf
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)

@@ -32,14 +32,17 @@ class Reader:
     """
 
     def __init__(self, names: list[str], shape: Callable[[str], tuple[int, ...]],
-                 dtype: Callable[[str], torch.dtype], get: Callable[[str], torch.Tensor], cache: int = 3) -> None:
+                 dtype: Callable[[str], torch.dtype], get: Callable[[str], torch.Tensor], cache: int = 3,
+                 get_rows: Callable[[str, int, int], torch.Tensor] | None = None) -> None:
         self.names, self.shape, self.dtype, self._get = names, shape, dtype, get
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._size = cache
+        # rows [start, stop) of a source tensor, uncached (see PlannedTensor.produce_rows)
+        self.get_rows = get_rows
 
     @classmethod
     def of(cls, source) -> "Reader":
-        return cls(source.names, source.shape, source.dtype, source.get)
+        return cls(source.names, source.shape, source.dtype, source.get, get_rows=getattr(source, "get_rows", None))
 
     def get(self, name: str) -> torch.Tensor:
         if name in self._cache:
@@ -57,16 +60,31 @@ def merge_lora_f32(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: fl
     return torch.addmm(w0.to(torch.float32), b.to(torch.float32), a.to(torch.float32), alpha=scale)
 
 
+_MERGE_ROWS = 256
+
+
 def merge_lora(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """W0 + s * (B @ A), computed in float32 and cast back to W0's dtype."""
-    return merge_lora_f32(w0, a, b, scale).to(w0.dtype)
+    """W0 + s * (B @ A), computed in float32 and cast back to W0's dtype.
+
+    A block of rows at a time, cast on the copy into the result: the float32 temporaries
+    stay cache-sized instead of two whole-matrix float32 copies (W0 and the sum) beside
+    the result, and each element's sum is the same as :func:`merge_lora_f32`'s.
+    """
+    out = torch.empty(w0.shape, dtype=w0.dtype)
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    for r in range(0, w0.shape[0], _MERGE_ROWS):
+        out[r:r + _MERGE_ROWS] = torch.addmm(w0[r:r + _MERGE_ROWS].to(torch.float32), b32[r:r + _MERGE_ROWS], a32,
+                                            alpha=scale)
+    return out
 
 
 def _passthrough(r: Reader, name: str, out: str | None = None) -> PlannedTensor:
     """A tensor taken as it is (a PEFT adapter reader may offer its float32 merge too)."""
     exact = r.get_exact if name in getattr(r, "exact_names", ()) else None
+    rows = getattr(r, "get_rows", None) if exact is None and r.shape(name) else None  # adapters' readers: none
     return PlannedTensor(out or name, r.shape(name), r.dtype(name), lambda: r.get(name),
-                         (lambda: exact(name)) if exact else None)
+                         (lambda: exact(name)) if exact else None,
+                         (lambda start, stop: rows(name, start, stop)) if rows else None)
 
 
 def _merged(r: Reader, base: str, a: str, b: str, scale: float, out: str) -> PlannedTensor:
@@ -78,7 +96,7 @@ def _merged(r: Reader, base: str, a: str, b: str, scale: float, out: str) -> Pla
             SEE_LOADING,
         )
     exact = lambda: merge_lora_f32(r.get(base), r.get(a), r.get(b), scale)  # noqa: E731
-    return PlannedTensor(out, shape, r.dtype(base), lambda: exact().to(r.dtype(base)), exact)
+    return PlannedTensor(out, shape, r.dtype(base), lambda: merge_lora(r.get(base), r.get(a), r.get(b), scale), exact)
 
 
 def plan_plain_lora(r: Reader, scale: float, skip: Callable[[str], bool] = lambda n: False) -> TensorPlan:

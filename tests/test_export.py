@@ -174,6 +174,21 @@ def test_bf16_source_keeps_its_dtype_and_merges_in_fp32(run_factory, tmp_path):
     assert torch.equal(tensors[f"{p}.weight"], expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_blockwise_merge_equals_the_whole_matrix_float32_merge(dtype):
+    # 600 rows: two full 256-row blocks and a partial one.
+    from converter.transforms import merge_lora, merge_lora_f32
+
+    g = torch.Generator().manual_seed(3)
+    w0 = torch.randn(600, 320, generator=g).to(dtype)
+    a, b = (torch.randn(8, 320, generator=g) * 0.05).to(dtype), (torch.randn(600, 8, generator=g) * 0.05).to(dtype)
+    merged = merge_lora(w0, a, b, 2.5)
+    expected = merge_lora_f32(w0, a, b, 2.5).to(dtype)  # one addmm over the whole matrix
+    assert not torch.equal(expected, w0)  # the update is not lost in the rounding
+    assert merged.dtype == dtype and merged.shape == w0.shape
+    assert torch.equal(merged, expected)
+
+
 # -- nothing lost, nothing half-written ------------------------------------------------
 def _snapshot(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in folder.iterdir()} if folder.exists() else {}

@@ -422,6 +422,43 @@ def test_streams_one_tensor_at_a_time(models_root, tmp_path):
     assert out.is_file() and not partial.exists()
 
 
+@pytest.mark.parametrize("gtype", ["q8_0", "fp16"])
+def test_tensors_taken_as_they_are_stream_in_row_pieces(gtype, models_root, tmp_path, monkeypatch):
+    """The embedding (the largest tensor of most models) is never held whole: its rows are
+    read, encoded and written a piece at a time, and the file is byte-identical to one
+    written from whole tensors."""
+    import dataclasses
+
+    folder = build_model("qwen3", models_root)
+    monkeypatch.setattr(gs, "_CHUNK_ELEMS", 64 * 7)  # 7 rows of the 64-wide embedding per piece
+    pieces: list[tuple[int, int]] = []
+
+    def watch(p: PlannedTensor) -> PlannedTensor:
+        if p.name != "model.embed_tokens.weight":
+            return p
+        assert p.produce_rows is not None
+
+        def rows(start: int, stop: int) -> torch.Tensor:
+            pieces.append((start, stop))
+            return p.produce_rows(start, stop)
+
+        def whole() -> torch.Tensor:
+            raise AssertionError("the embedding was read whole")
+
+        return dataclasses.replace(p, produce=whole, produce_rows=rows)
+
+    streamed = tmp_path / "streamed.gguf"
+    gs.write_gguf([watch(p) for p in pipeline_plan(folder)], hf_config(folder), folder, streamed, gtype, name="tiny")
+    whole = tmp_path / "whole.gguf"
+    gs.write_gguf([dataclasses.replace(p, produce_rows=None) for p in pipeline_plan(folder)], hf_config(folder), folder,
+                  whole, gtype, name="tiny")
+
+    n_rows = hf_config(folder)["vocab_size"]
+    assert pieces[0][0] == 0 and pieces[-1][1] == n_rows and len(pieces) == math.ceil(n_rows / 7)
+    assert all(b - a <= 7 and b == c for (a, b), (c, _) in zip(pieces, pieces[1:] + [(n_rows, None)]))
+    assert hashlib.sha256(streamed.read_bytes()).hexdigest() == hashlib.sha256(whole.read_bytes()).hexdigest()
+
+
 def test_source_dtype_is_the_default(models_root, tmp_path):
     import gguf
 
