@@ -354,7 +354,8 @@ def task_commands(p: dict[str, Path], a: dict[str, Path], out: Path, shard: str,
         "from_pretrained_int4": ([PY, BASELINES, "from-pretrained", str(a["art_int4"])], [a["art_int4"]]),
         "efx_gguf_q8_0": (gguf("q8_0"), [p["run"]]),
         "efx_gguf_q4_k_m": (gguf("q4_k_m"), [p["run"]]),
-        "quantize_only_q4_k_m": ([PY, BASELINES, "quantize-gguf", str(a.get("gguf_f16", "")), str(out), "q4_k_m"],
+        "quantize_only_q4_k_m": (["sh", "-c", f'mkdir -p "{out}" && "{PY}" "{BASELINES}" quantize-gguf '
+                                  f'"{a.get("gguf_f16", "")}" "{out / "model-Q4_K_M.gguf"}" q4_k_m'],
                                  [a["gguf_f16"]] if "gguf_f16" in a else []),
         **{t: (cmd, [p["base"], p["adapter"]]) for t, cmd in chains.items()},
     }
@@ -402,7 +403,7 @@ def bench_size(size: str, args, env: dict) -> dict:
     llama_cpp = None
     if args.gguf:
         order = ["cp", "efx_gguf_q8_0", "llamacpp_q8_0", "efx_gguf_q4_k_m", "llamacpp_q4_k_m", "quantize_only_q4_k_m"]
-        tasks = [t for t in order if t in args.tasks] or order  # --tasks names a subset, else all of them
+        tasks = [t for t in order if t in args.tasks] if args.tasks_given else order  # --tasks: a subset
         llama_cpp = ensure_llama_cpp(args.work, args.llama_cpp)
         a["gguf_f16"] = gguf_f16(size, root, p, env)
     cmds = task_commands(p, a, out, shard, llama_cpp)
@@ -474,7 +475,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--work", type=Path, default=HERE / "_work")
     ap.add_argument("--results", type=Path, default=None, help="default benchmarks/results (results_whatif with --whatif)")
-    ap.add_argument("--tasks", default=",".join(t for t in TASKS if t not in WHATIF_TASKS | GGUF_TASKS), help="comma-separated subset of: " + ", ".join(TASKS))
+    ap.add_argument("--tasks", default=None, help="comma-separated subset of: " + ", ".join(TASKS)
+                    + " (default: all but the --whatif and --gguf ones; with --gguf: all the gguf ones)")
     ap.add_argument("--no-parity", action="store_true", help="skip the with-parity efexport variants")
     ap.add_argument("--quiet-wait", type=float, default=None,
                     help="max seconds to wait for an idle machine before each measurement (default 300; 0 for tiny)")
@@ -495,6 +497,9 @@ def main() -> None:
                     help="folder holding the converter/ to measure (default: this checkout), e.g. a saved snapshot")
     ap.add_argument("--keep", action="store_true", help="keep benchmarks/_work (synthetic runs) for a later run")
     args = ap.parse_args()
+    args.tasks_given = args.tasks is not None
+    if args.tasks is None:
+        args.tasks = ",".join(t for t in TASKS if t not in WHATIF_TASKS | GGUF_TASKS)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.results is None:
         args.results = HERE / ("results_whatif" if args.whatif else "results_gguf" if args.gguf else "results")

@@ -181,6 +181,11 @@ def make_chart(results: dict[str, dict], path: Path) -> None:
         ("efx_int4", "efexport int4 (--no-verify)", "C2", "-", "^"),
         ("efx_int4_parity", "efexport int4 (with parity)", "C2", ":", "^"),
         ("tf_int4", "transformers bnb nf4 + save_pretrained", "C1", "-", "v"),
+        ("efx_gguf_q8_0", "efexport GGUF q8_0", "C4", "-", "D"),
+        ("llamacpp_q8_0", "PEFT merge + convert_hf_to_gguf.py q8_0", "C5", "-", "d"),
+        ("efx_gguf_q4_k_m", "efexport GGUF q4_k_m", "C4", ":", "D"),
+        ("llamacpp_q4_k_m", "PEFT merge + convert + llama_model_quantize q4_k_m", "C5", ":", "d"),
+        ("quantize_only_q4_k_m", "llama_model_quantize alone (f16 -> q4_k_m)", "C8", "-.", "*"),
         ("cp", "cp -r", "C7", "-", "x"),
     ]
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
