@@ -143,7 +143,9 @@ def _memo(fn: Callable[[], Any]) -> Callable[[], Any]:
 def _cast(t: PlannedTensor, dtype: torch.dtype) -> PlannedTensor:
     if not t.dtype.is_floating_point or t.dtype == dtype:
         return t
-    return PlannedTensor(t.name, t.shape, dtype, lambda: t.produce_exact().to(dtype))
+    rows = t.produce_rows if t.produce_f32 is None else None
+    return PlannedTensor(t.name, t.shape, dtype, lambda: t.produce_exact().to(dtype),
+                         produce_rows=(lambda start, stop: rows(start, stop).to(dtype)) if rows else None)
 
 
 def apply_precision(

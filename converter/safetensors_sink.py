@@ -15,7 +15,7 @@ import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -82,6 +82,24 @@ def write_shard(path: Path, shard: TensorPlan, on_tensor: Callable[[PlannedTenso
         fh.seek(8 + reserved)
         pending = None  # one write in flight while the next tensor is read, merged and cast
         for planned in shard:
+            if planned.produce_rows is not None and planned.nbytes > _STREAM_BYTES:
+                # a large tensor taken as it is (the embedding): rows in pieces, never whole
+                size = 0
+                for piece in _row_pieces(planned):
+                    data = _tensor_bytes(piece)
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(fh.write, data)
+                    size += data.nbytes
+                    del piece, data
+                if size != planned.nbytes:
+                    raise RuntimeError(f"internal: {planned.name} streamed {size} bytes, planned {planned.nbytes}")
+                header[planned.name] = {"dtype": DTYPE_NAMES[planned.dtype], "shape": list(planned.shape),
+                                        "data_offsets": [offset, offset + size]}
+                offset += size
+                if on_tensor is not None:
+                    on_tensor(planned, size)
+                continue
             t = planned.produce()
             if t.dtype != planned.dtype or (tuple(t.shape) != planned.shape and not _is_blob(planned, t)):
                 raise RuntimeError(
@@ -113,6 +131,21 @@ def write_shard(path: Path, shard: TensorPlan, on_tensor: Callable[[PlannedTenso
         fh.flush()
         os.fsync(fh.fileno())
     return offset
+
+
+_STREAM_BYTES = 64 * 2**20  # tensors taken as they are and larger than this are written in row pieces
+_PIECE_BYTES = 16 * 2**20
+
+
+def _row_pieces(planned: PlannedTensor) -> Iterator[torch.Tensor]:
+    rows = planned.shape[0]
+    step = max(1, rows * _PIECE_BYTES // max(1, planned.nbytes))
+    for start in range(0, rows, step):
+        piece = planned.produce_rows(start, min(rows, start + step))
+        if piece.dtype != planned.dtype or tuple(piece.shape[1:]) != tuple(planned.shape[1:]):
+            raise RuntimeError(f"internal: {planned.name} rows came as {piece.dtype}{list(piece.shape)}, "
+                               f"planned {planned.dtype}{list(planned.shape)}")
+        yield piece
 
 
 def _is_blob(planned: PlannedTensor, t: torch.Tensor) -> bool:
