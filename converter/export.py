@@ -72,6 +72,9 @@ class BackgroundHashes:
         self._files: dict[str, Any] = {}
         self.source = None
 
+    def hash_source(self, pipe: Pipeline) -> None:
+        self.source = self._pool.submit(_weights_digest, pipe)
+
     def file(self, path: Path) -> None:
         self._files[path.name] = self._pool.submit(sha256_file, path)
 
@@ -258,7 +261,7 @@ def run_export(prepared: Prepared) -> dict[str, Any]:
     tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     started = time.time()
     prepared.hashes = BackgroundHashes()
-    prepared.hashes.source = prepared.hashes._pool.submit(_weights_digest, pipe)
+    prepared.hashes.hash_source(pipe)
     try:
         with _sigterm_as_interrupt():
             tmp.mkdir()

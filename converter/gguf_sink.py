@@ -697,22 +697,22 @@ class _EncodedTensor:
 
     ``GGUFWriter.write_tensor_data`` only needs ``nbytes`` and ``tofile``; handing it
     this object instead of a full array means neither the whole float32 copy nor the
-    whole encoded array has to exist next to the source tensor. With ``rows`` (a reader
-    of source rows) not even the source tensor is held whole: each chunk is read,
+    whole encoded array has to exist next to the source tensor. Given a reader of source
+    rows (``_Out.rows``) not even the source tensor is held whole: each chunk is read,
     encoded and written in turn.
     """
 
-    def __init__(self, t: torch.Tensor | None, qtype, *, shape: tuple[int, ...] | None = None,
-                 rows: Callable[[int, int], torch.Tensor] | None = None) -> None:
-        self.qtype = qtype
-        if rows is None:
-            t = t.detach().to("cpu")
-            flat = t.reshape(-1, t.shape[-1]) if t.ndim else t.reshape(1, 1)
-            self.rows, self.n_rows, self.row_len = (lambda a, b: flat[a:b]), flat.shape[0], flat.shape[1]
-            shape = tuple(t.shape)
-        else:
-            self.rows, self.n_rows, self.row_len = rows, shape[0], int(np.prod(shape[1:]))
+    def __init__(self, rows: Callable[[int, int], torch.Tensor], shape: tuple[int, ...], qtype) -> None:
+        self.rows, self.qtype = rows, qtype
+        self.n_rows, self.row_len = shape[0], int(np.prod(shape[1:]))  # 2-D: a tensor's rows or `of`'s flat view
         self.nbytes = _nbytes(shape, qtype)
+
+    @classmethod
+    def of(cls, t: torch.Tensor, qtype) -> "_EncodedTensor":
+        """A tensor already in memory, encoded in chunks of its innermost rows all the same."""
+        t = t.detach().to("cpu")
+        flat = t.reshape(-1, t.shape[-1]) if t.ndim else t.reshape(1, 1)
+        return cls(lambda a, b: flat[a:b], tuple(flat.shape), qtype)
 
     def _chunks(self) -> Iterable[np.ndarray]:
         import gguf
@@ -1052,6 +1052,16 @@ def _progress_cb(progress) -> Callable[[int], None]:
     return progress
 
 
+def _produced(o: _Out) -> torch.Tensor:
+    t = o.produce()
+    if tuple(t.shape) != tuple(o.shape):
+        raise _err(
+            f"write GGUF tensor {o.name}: produced shape {tuple(t.shape)} differs from the planned {tuple(o.shape)}",
+            "report this as a bug in the export plan",
+        )
+    return t
+
+
 def _write_stream(outs: list[_Out], w, path: Path, progress: Callable[[int], None]) -> None:
     for o in outs:
         w.add_tensor_info(o.name, o.shape, np.dtype(np.float32), _nbytes(o.shape, o.qtype), raw_dtype=o.qtype)
@@ -1060,21 +1070,10 @@ def _write_stream(outs: list[_Out], w, path: Path, progress: Callable[[int], Non
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for o in outs:
-            if o.rows is not None:
-                data = _EncodedTensor(None, o.qtype, shape=o.shape, rows=o.rows)
-                w.write_tensor_data(data)  # type: ignore[arg-type]  # duck-typed: nbytes + tofile
-                progress(int(data.nbytes))
-                continue
-            t = o.produce()
-            if tuple(t.shape) != tuple(o.shape):
-                raise _err(
-                    f"write GGUF tensor {o.name}: produced shape {tuple(t.shape)} differs from the planned {tuple(o.shape)}",
-                    "report this as a bug in the export plan",
-                )
-            data = _EncodedTensor(t, o.qtype)
+            data = _EncodedTensor(o.rows, o.shape, o.qtype) if o.rows is not None else _EncodedTensor.of(_produced(o), o.qtype)
             w.write_tensor_data(data)  # type: ignore[arg-type]  # duck-typed: nbytes + tofile
             progress(int(data.nbytes))
-            del data, t
+            del data
     finally:
         w.close()
 

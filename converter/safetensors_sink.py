@@ -82,39 +82,24 @@ def write_shard(path: Path, shard: TensorPlan, on_tensor: Callable[[PlannedTenso
         fh.seek(8 + reserved)
         pending = None  # one write in flight while the next tensor is read, merged and cast
         for planned in shard:
-            if planned.produce_rows is not None and planned.nbytes > _STREAM_BYTES:
-                # a large tensor taken as it is (the embedding): rows in pieces, never whole
-                size = 0
-                for piece in _row_pieces(planned):
-                    data = _tensor_bytes(piece)
-                    if pending is not None:
-                        pending.result()
-                    pending = writer.submit(fh.write, data)
-                    size += data.nbytes
-                    del piece, data
-                if size != planned.nbytes:
-                    raise RuntimeError(f"internal: {planned.name} streamed {size} bytes, planned {planned.nbytes}")
-                header[planned.name] = {"dtype": DTYPE_NAMES[planned.dtype], "shape": list(planned.shape),
-                                        "data_offsets": [offset, offset + size]}
-                offset += size
-                if on_tensor is not None:
-                    on_tensor(planned, size)
-                continue
-            t = planned.produce()
-            if t.dtype != planned.dtype or (tuple(t.shape) != planned.shape and not _is_blob(planned, t)):
-                raise RuntimeError(
-                    f"internal: {planned.name} produced {t.dtype}{list(t.shape)}, planned {planned.dtype}{list(planned.shape)}"
-                )
-            data = _tensor_bytes(t)
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(fh.write, data)  # the future holds `data` until it is written
-            header[planned.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                                    "data_offsets": [offset, offset + data.nbytes]}
-            offset += data.nbytes
+            streamed = planned.produce_rows is not None and planned.nbytes > _STREAM_BYTES
+            size, shape = 0, list(planned.shape)
+            for piece in (_row_pieces(planned) if streamed else _whole(planned)):
+                data = _tensor_bytes(piece)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(fh.write, data)  # the future holds `data` until it is written
+                size += data.nbytes
+                if not streamed:
+                    shape = list(piece.shape)  # a quant-state blob may be shorter than planned
+                del piece, data
+            if streamed and size != planned.nbytes:
+                raise RuntimeError(f"internal: {planned.name} streamed {size} bytes, planned {planned.nbytes}")
+            header[planned.name] = {"dtype": DTYPE_NAMES[planned.dtype], "shape": shape,
+                                    "data_offsets": [offset, offset + size]}
+            offset += size
             if on_tensor is not None:
-                on_tensor(planned, data.nbytes)
-            del t, data
+                on_tensor(planned, size)
             if _TEST_PAUSE:
                 import time
 
@@ -137,7 +122,18 @@ _STREAM_BYTES = 64 * 2**20  # tensors taken as they are and larger than this are
 _PIECE_BYTES = 16 * 2**20
 
 
+def _whole(planned: PlannedTensor) -> Iterator[torch.Tensor]:
+    """The tensor in one piece, checked against the plan."""
+    t = planned.produce()
+    if t.dtype != planned.dtype or (tuple(t.shape) != planned.shape and not _is_blob(planned, t)):
+        raise RuntimeError(
+            f"internal: {planned.name} produced {t.dtype}{list(t.shape)}, planned {planned.dtype}{list(planned.shape)}"
+        )
+    yield t
+
+
 def _row_pieces(planned: PlannedTensor) -> Iterator[torch.Tensor]:
+    """A large tensor taken as it is (the embedding) in blocks of rows, never whole."""
     rows = planned.shape[0]
     step = max(1, rows * _PIECE_BYTES // max(1, planned.nbytes))
     for start in range(0, rows, step):

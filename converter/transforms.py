@@ -81,7 +81,7 @@ def merge_lora(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float)
 def _passthrough(r: Reader, name: str, out: str | None = None) -> PlannedTensor:
     """A tensor taken as it is (a PEFT adapter reader may offer its float32 merge too)."""
     exact = r.get_exact if name in getattr(r, "exact_names", ()) else None
-    rows = getattr(r, "get_rows", None) if exact is None and r.shape(name) else None  # adapters' readers: none
+    rows = r.get_rows if exact is None and r.shape(name) else None  # None for adapters' readers
     return PlannedTensor(out or name, r.shape(name), r.dtype(name), lambda: r.get(name),
                          (lambda: exact(name)) if exact else None,
                          (lambda start, stop: rows(name, start, stop)) if rows else None)
