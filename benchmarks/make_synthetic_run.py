@@ -94,20 +94,9 @@ def injection_block() -> dict:
 
 
 def base_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every persistent tensor Qwen3ForCausalLM saves, in module order."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    d = {k: v for k, v in config.items() if k != "eulerforge"}
-    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    out = []
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and config.get("tie_word_embeddings"):
-            continue
-        out.append((name, tuple(t.shape)))
-    return out
+    """(name, shape) of every persistent tensor Qwen3ForCausalLM saves, in module order
+    (the test fixtures' own reading of a meta-device model)."""
+    return list(_fixture_runs().state_dict_shapes(json.dumps(config, sort_keys=True)))
 
 
 # --------------------------------------------------------------------------- weights
@@ -222,13 +211,18 @@ def write_sharded(folder: Path, specs: list[Spec], seed: int, max_shard: int, st
     (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_tokenizer(folder: Path) -> None:
+def _fixture_runs():
+    """tests/fixtures/runs.py: the synthetic runs reuse the test fixtures' tokenizer and shapes."""
     sys.path.insert(0, str(REPO / "tests"))
     try:
-        from fixtures.runs import write_tokenizer as _write
+        from fixtures import runs
     finally:
         sys.path.pop(0)
-    _write(folder)
+    return runs
+
+
+def write_tokenizer(folder: Path) -> None:
+    _fixture_runs().write_tokenizer(folder)
 
 
 def _json(path: Path, obj) -> None:
