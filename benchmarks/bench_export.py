@@ -36,12 +36,13 @@ runs it), measured by benchmarks/measure.py: wall time, CPU time, peak RSS of th
 tree. Inputs are read once before each measurement (warm page cache for every tool) and
 dirty pages are flushed (``sync``) so no tool pays for an earlier tool's writeback.
 
-Per-size results (every repetition) go to benchmarks/results/<size>.json (--results); the
-Markdown tables and a chart (<results>/peak_rss.png) are rebuilt from the result files there
-(benchmarks/report.py, which also merges several result folders and draws the chart
-BENCHMARKS.md shows); the last line printed is one JSON object of the medians, ratios and
-targets. The work folder (benchmarks/_work, git-ignored) is removed at the end
-unless --keep.
+Per-size results (every repetition; one RSS timeline per task, down-sampled) go to
+benchmarks/results/<size>.jsonl (--results), one JSON line per task (benchmarks/resultfile.py;
+no absolute paths: the work folder is written as $WORK); the Markdown tables and a chart
+(<results>/peak_rss.png) are rebuilt from the result files there (benchmarks/report.py, which
+also merges several result folders and draws the chart BENCHMARKS.md shows); the last line
+printed is one JSON object of the medians, ratios and targets. The work folder
+(benchmarks/_work, git-ignored) is removed at the end unless --keep.
 """
 
 from __future__ import annotations
@@ -62,51 +63,25 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import make_synthetic_run as synth  # noqa: E402
+import resultfile  # noqa: E402
 from measure import run_measured, wait_quiet  # noqa: E402
+from tasks import GGUF_ORDER, GGUF_TASKS, PARITY_TASKS, TASKS  # noqa: E402
 
 PY = sys.executable
 EFEXPORT = str(Path(sys.executable).with_name("efexport"))
 BASELINES = str(HERE / "baselines.py")
 GEN_VERSION = 1  # bump when make_synthetic_run's output changes
 
-# task -> (group, label)
-TASKS = {
-    "cp": ("bf16", "cp -r checkpoint"),
-    "efx_bf16": ("bf16", "efexport --precision bf16 --no-verify"),
-    "peft_bf16": ("bf16", "PEFT merge_and_unload + save_pretrained"),
-    "efx_bf16_parity": ("bf16", "efexport --precision bf16 (with parity)"),
-    "cp_sync": ("bf16", "cp -r checkpoint && sync"),
-    "efx_int4": ("int4", "efexport --precision int4 --no-verify"),
-    "tf_int4": ("int4", "transformers bnb nf4 from_pretrained + save_pretrained"),
-    "efx_int4_parity": ("int4", "efexport --precision int4 (with parity)"),
-    "load_artifact_bf16": ("load", "load_artifact(bf16 artifact)"),
-    "from_pretrained_bf16": ("load", "from_pretrained(bf16 artifact)"),
-    "load_artifact_bf16_noverify": ("load", "load_artifact(bf16 artifact, verify=False)"),
-    "load_artifact_int4": ("load", "load_artifact(int4 artifact)"),
-    "from_pretrained_int4": ("load", "from_pretrained(int4 artifact)"),
-}
-PARITY_TASKS = {"efx_bf16_parity", "efx_int4_parity"}
-# --whatif: efexport with proposed converter/ changes monkeypatched in (benchmarks/whatif_export.py)
-# (pread, lazy-bnb and hash-overlap landed in converter/ in 5724b38; what is left to try:)
-WHATIF_PATCHES = {"bf16": "merge-chunked", "int4": "merge-chunked,nf4-fast"}
-TASKS.update({
-    "efx_bf16_whatif": ("whatif", "efexport bf16 --no-verify + proposed changes (" + WHATIF_PATCHES["bf16"] + ")"),
-    "efx_int4_whatif": ("whatif", "efexport int4 --no-verify + proposed changes (" + WHATIF_PATCHES["int4"] + ")"),
-})
-WHATIF_TASKS = {"efx_bf16_whatif", "efx_int4_whatif"}
-# --gguf: GGUF export against PEFT merge + llama.cpp's converter (+ llama_model_quantize)
-TASKS.update({
-    "efx_gguf_q8_0": ("gguf", "efexport --format gguf --precision q8_0 --no-verify"),
-    "llamacpp_q8_0": ("gguf", "PEFT merge + save, convert_hf_to_gguf.py --outtype q8_0"),
-    "efx_gguf_q4_k_m": ("gguf", "efexport --format gguf --precision q4_k_m --no-verify"),
-    "llamacpp_q4_k_m": ("gguf", "PEFT merge + save, convert_hf_to_gguf.py f16, llama_model_quantize Q4_K_M"),
-    "quantize_only_q4_k_m": ("gguf", "llama_model_quantize alone, f16 GGUF -> Q4_K_M (the K-quant step's own floor)"),
-})
-GGUF_TASKS = {"efx_gguf_q8_0", "llamacpp_q8_0", "efx_gguf_q4_k_m", "llamacpp_q4_k_m", "quantize_only_q4_k_m"}
 # The synthetic tokenizer is a plain GPT-2 byte-level BPE (tests/fixtures/runs.py) that llama.cpp's
 # hash table cannot know; efexport identifies it from its configuration as gpt-2, and the
 # converter is told the same (baselines.py convert-gguf --pre). compare_gguf.py checks both agree.
 GGUF_PRE = "gpt-2"
+
+
+def portable(text: str, work: Path) -> str:
+    """No absolute paths in the result files: $WORK/... for the work folder, the rest relative
+    to the repository (resultfile.portable)."""
+    return resultfile.portable(text, REPO, work, Path(PY).parent)
 
 
 def log(msg: str) -> None:
@@ -340,10 +315,6 @@ def task_commands(p: dict[str, Path], a: dict[str, Path], out: Path, shard: str,
         "peft_bf16": ([PY, BASELINES, "peft-merge", "--base", str(p["base"]), "--adapter", str(p["adapter"]),
                        "--out", str(out), "--max-shard-size", shard], [p["base"], p["adapter"]]),
         "efx_int4": (efx("int4", False), [p["run"]]),
-        "efx_bf16_whatif": ([PY, str(HERE / "whatif_export.py"), "--patch", WHATIF_PATCHES["bf16"], "--"] + efx("bf16", False)[1:],
-                            [p["run"]]),
-        "efx_int4_whatif": ([PY, str(HERE / "whatif_export.py"), "--patch", WHATIF_PATCHES["int4"], "--"] + efx("int4", False)[1:],
-                            [p["run"]]),
         "efx_int4_parity": (efx("int4", True), [p["run"]]),
         "tf_int4": ([PY, BASELINES, "tf-int4", "--model", str(a["merged"]), "--out", str(out),
                      "--max-shard-size", shard], [a["merged"]]),
@@ -378,13 +349,10 @@ def _phases(log_path: Path) -> dict | None:
     return total
 
 
-def _downsample(timeline: list, step: float = 0.1) -> list:
-    out, next_t = [], 0.0
-    for t, rss, anon in timeline:
-        if t >= next_t:
-            out.append([round(t, 2), round(rss / 1024, 1), round(anon / 1024, 1)])
-            next_t = t + step
-    return out
+def _timeline_mib(timeline: list) -> list:
+    """measure.py's (t, RSS KiB, anon KiB) samples as [t, RSS MiB, anon MiB], down-sampled
+    (resultfile.downsample: at most TIMELINE_POINTS, the peak kept)."""
+    return resultfile.downsample([[round(t, 2), round(rss / 1024, 1), round(anon / 1024, 1)] for t, rss, anon in timeline])
 
 
 # --------------------------------------------------------------------------- measuring
@@ -397,13 +365,9 @@ def bench_size(size: str, args, env: dict) -> dict:
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     tasks = [t for t in TASKS if t in args.tasks and not (args.no_parity and t in PARITY_TASKS)]
-    if args.whatif:
-        order = ["cp", "efx_bf16", "efx_bf16_whatif", "peft_bf16", "efx_int4", "efx_int4_whatif", "tf_int4"]
-        tasks = [t for t in order if t in args.tasks or t in WHATIF_TASKS]
     llama_cpp = None
     if args.gguf:
-        order = ["cp", "efx_gguf_q8_0", "llamacpp_q8_0", "efx_gguf_q4_k_m", "llamacpp_q4_k_m", "quantize_only_q4_k_m"]
-        tasks = [t for t in order if t in args.tasks] if args.tasks_given else order  # --tasks: a subset
+        tasks = [t for t in GGUF_ORDER if t in args.tasks] if args.tasks_given else GGUF_ORDER  # --tasks: a subset
         llama_cpp = ensure_llama_cpp(args.work, args.llama_cpp)
         a["gguf_f16"] = gguf_f16(size, root, p, env)
     cmds = task_commands(p, a, out, shard, llama_cpp)
@@ -419,11 +383,13 @@ def bench_size(size: str, args, env: dict) -> dict:
         "adapter_bytes": du(p["adapter"]),
         "largest_source_shard_bytes": max(f.stat().st_size for f in shards),
         "max_shard_size": shard,
-        "commands": {t: " ".join(cmds[t][0]).replace(str(REPO) + "/", "") for t in tasks},
+        "commands": {t: portable(" ".join(cmds[t][0]), args.work) for t in tasks},
         "reps": {t: [] for t in tasks},
     }
     if args.gguf:
         info["gguf_compare"] = compare_gguf_outputs(size, root, p, env, llama_cpp)
+        for c in info["gguf_compare"].values():
+            c["files"] = [portable(f, args.work) for f in c.get("files", [])]
     for rep in range(args.reps):
         for task in tasks:
             cmd, inputs = cmds[task]
@@ -447,7 +413,7 @@ def bench_size(size: str, args, env: dict) -> dict:
                     + ("measuring again" if attempt < retries else "keeping the least disturbed attempt"))
             r = min(attempts, key=lambda x: x["foreign_cpu_frac"])
             r["attempts"] = len(attempts)
-            r["timeline"] = _downsample(r["timeline"])
+            r["timeline"] = _timeline_mib(r["timeline"])
             info["reps"][task].append(r)
             log(f"[{size}] rep {rep + 1}/{args.reps} {task:28s} {r['wall_s']:8.2f}s  cpu {r['cpu_s']:7.1f}s  "
                 f"peak RSS {r['peak_rss_mib']:8.0f} MiB (anon {r['peak_rss_anon_mib']:.0f})  "
@@ -474,9 +440,9 @@ def main() -> None:
     ap.add_argument("--size", action="append", choices=sorted(synth.SIZES), help="repeatable; default tiny")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--work", type=Path, default=HERE / "_work")
-    ap.add_argument("--results", type=Path, default=None, help="default benchmarks/results (results_whatif with --whatif)")
+    ap.add_argument("--results", type=Path, default=None, help="default benchmarks/results (results_gguf with --gguf)")
     ap.add_argument("--tasks", default=None, help="comma-separated subset of: " + ", ".join(TASKS)
-                    + " (default: all but the --whatif and --gguf ones; with --gguf: all the gguf ones)")
+                    + " (default: all but the --gguf ones; with --gguf: all the gguf ones)")
     ap.add_argument("--no-parity", action="store_true", help="skip the with-parity efexport variants")
     ap.add_argument("--quiet-wait", type=float, default=None,
                     help="max seconds to wait for an idle machine before each measurement (default 300; 0 for tiny)")
@@ -484,9 +450,6 @@ def main() -> None:
                     help="measure again when other processes used more than this fraction of the CPUs meanwhile")
     ap.add_argument("--retries", type=int, default=None,
                     help="extra attempts per measurement when the machine was busy (default 2; 0 for tiny)")
-    ap.add_argument("--whatif", action="store_true",
-                    help="measure efexport with the proposed changes of whatif_export.py beside efexport, PEFT, transformers "
-                         "and cp (results to --results, default benchmarks/results_whatif)")
     ap.add_argument("--gguf", action="store_true",
                     help="measure GGUF export (q8_0, q4_k_m) against PEFT merge + llama.cpp's convert_hf_to_gguf.py "
                          "(+ llama_model_quantize); results to --results, default benchmarks/results_gguf")
@@ -499,10 +462,10 @@ def main() -> None:
     args = ap.parse_args()
     args.tasks_given = args.tasks is not None
     if args.tasks is None:
-        args.tasks = ",".join(t for t in TASKS if t not in WHATIF_TASKS | GGUF_TASKS)
+        args.tasks = ",".join(t for t in TASKS if t not in GGUF_TASKS)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.results is None:
-        args.results = HERE / ("results_whatif" if args.whatif else "results_gguf" if args.gguf else "results")
+        args.results = HERE / ("results_gguf" if args.gguf else "results")
     unknown = set(args.tasks) - set(TASKS)
     if unknown:
         ap.error(f"unknown tasks: {sorted(unknown)}")
@@ -526,9 +489,11 @@ def main() -> None:
         for size in sizes:
             info = bench_size(size, args, env)
             info["machine"] = machine
+            if args.work.resolve().is_relative_to(REPO):
+                info["work"] = str(args.work.resolve().relative_to(REPO))
             info["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
             info["reps_requested"] = args.reps
-            (args.results / f"{size}.json").write_text(json.dumps(info, indent=1) + "\n")
+            resultfile.write_size_results(args.results / f"{size}.jsonl", info)
             done[size] = info
     finally:
         if not args.keep:

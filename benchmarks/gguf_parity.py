@@ -5,30 +5,34 @@
 Builds tiny EulerForge runs with the test suite's fixture builder (tests/fixtures/runs.py:
 seeded random weights, the fixture's byte-level BPE tokenizer), 256 wide so that every
 row is a whole number of K-quant super-blocks (narrower rows make llama.cpp fall back to
-other types), exports each through ``converter.export`` exactly as ``efexport RUN --format
-gguf --precision T`` does, and collects the parity figures that the export measured in
-llama.cpp and wrote to efexport.json: max |Δlogit| against the source run's float32
-logits (through efexport's loader) and top-1 agreement, over two 12-token probe prompts.
+other types), exports each with ``efexport RUN --format gguf --precision T --json`` (the
+console script, run in this process through its entry point so that torch and llama.cpp are
+imported once), and collects the parity figures that the export measured in llama.cpp and
+wrote to efexport.json (the record --json prints): max |Δlogit| against the source run's
+float32 logits (through efexport's loader) and top-1 agreement, over two 12-token probe prompts.
 
-Writes parity.json and parity.md to --out; prints the Markdown table.
+Writes parity.jsonl (a ``{"record": "run", ...}`` line, then one ``{"record": "export", ...}``
+line per layout and type) and parity.md to --out; prints the Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import tempfile
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
 
 from fixtures.runs import make_run  # noqa: E402
-
-from converter.errors import EfexportError  # noqa: E402
-from converter.export import ExportOptions, export  # noqa: E402
+from resultfile import write_jsonl  # noqa: E402
 
 TYPES = ["fp32", "fp16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0"]
 CASES = [  # (backbone, strategy); the GGUF architecture they go to is read back from the export
@@ -38,6 +42,24 @@ CASES = [  # (backbone, strategy); the GGUF architecture they go to is read back
 ]
 WIDE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 64}
+
+
+def efexport(*args: str) -> tuple[dict | None, str]:
+    """``efexport ARGS --quiet --json`` in this process: (the record it prints, "") or, when
+    efexport refuses (exit 2), (None, its message)."""
+    (ep,) = entry_points(group="console_scripts", name="efexport")
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = ["efexport", *args, "--quiet", "--json"]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            ep.load()()
+    except SystemExit as exc:
+        if exc.code != 2:
+            raise SystemExit(f"efexport {' '.join(args)} failed ({exc.code}):\n{err.getvalue()}") from None
+        return None, err.getvalue().strip()
+    finally:
+        sys.argv = argv
+    return json.loads(out.getvalue()), ""
 
 
 def main() -> None:
@@ -54,10 +76,9 @@ def main() -> None:
             for gtype in TYPES:
                 out = tmp / f"out_{backbone}_{strategy}_{gtype}"
                 t = time.perf_counter()
-                try:
-                    record = export(ExportOptions(run=str(run.path), out=out, fmt="gguf", precision=gtype, progress=False))
-                except EfexportError as exc:
-                    rows.append({"backbone": backbone, "strategy": strategy, "type": gtype, "refused": str(exc)})
+                record, refused = efexport(str(run.path), "--out", str(out), "--format", "gguf", "--precision", gtype)
+                if record is None:
+                    rows.append({"backbone": backbone, "strategy": strategy, "type": gtype, "refused": refused})
                     continue
                 parity = record["parity"]
                 rows.append({"backbone": backbone, "strategy": strategy, "type": gtype, "arch": record["gguf"]["arch"],
@@ -69,8 +90,8 @@ def main() -> None:
                       f"top1 {rows[-1]['top1_agreement']:.2f}", file=sys.stderr, flush=True)
     table = markdown(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "parity.json").write_text(json.dumps({"llama_cpp_python": llama_cpp.__version__, "width": WIDE,
-                                                      "rows": rows}, indent=1) + "\n")
+    write_jsonl(args.out / "parity.jsonl", [{"record": "run", "llama_cpp_python": llama_cpp.__version__, "width": WIDE}]
+                + [{"record": "export", **row} for row in rows])
     (args.out / "parity.md").write_text(table + "\n")
     print(table)
 

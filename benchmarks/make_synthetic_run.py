@@ -196,7 +196,7 @@ def write_safetensors_streaming(path: Path, specs: list[Spec], seed: int) -> int
 
 def write_sharded(folder: Path, specs: list[Spec], seed: int, max_shard: int, stem: str = "model") -> None:
     """Greedy shards of at most ``max_shard`` bytes, named and indexed as save_pretrained does."""
-    from converter.safetensors_sink import split_shards  # the exporter's own rule (anything with .nbytes)
+    from converter.sinks.safetensors import split_shards  # the exporter's own rule (anything with .nbytes)
 
     shards = split_shards(specs, max_shard)
     if len(shards) == 1:

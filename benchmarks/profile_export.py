@@ -8,20 +8,25 @@ Needs the synthetic run of that size (bench_export.py --keep, or make_synthetic_
 1. time: ``py-spy record`` (pip install py-spy) samples the ``efexport`` CLI subprocess
    at 50 Hz, idle time included (I/O waits, fsync); the main thread's samples are
    summed per converter function (inclusive) and per leaf line;
-2. memory: the same export run in-process (``converter.cli.main``) with a thread that
+2. memory: the same export run in-process (the ``efexport`` console script's entry point,
+   looked up in the installed package's metadata) with a thread that
    every 20 ms records the process RSS (anonymous and file-backed, /proc/self/status)
    and the innermost converter/ frame of the main thread; per function it reports the
    seconds spent and the highest RSS seen while it ran, and draws the RSS timeline to
    benchmarks/profile_<size>_<precision>.png.
 
-The tables go to stdout (Markdown) and benchmarks/results/profile_<size>_<precision>.json.
+The tables go to stdout (Markdown) and benchmarks/results/profile_<size>_<precision>.jsonl:
+one JSON line per measurement, ``{"record": "pyspy", ...}`` and ``{"record": "memory", ...}``
+(the memory line's RSS timeline down-sampled to resultfile.TIMELINE_POINTS points, the peak
+kept; the chart is drawn from the full one).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import json
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -37,8 +42,12 @@ FRAME = re.compile(r"^(?P<func>.*) \((?P<file>.*):(?P<line>\d+)\)$")
 
 
 def _short(path: str) -> str:
-    path = path.split("site-packages/")[-1]
-    return path.replace(str(REPO) + "/", "")
+    """No absolute paths in the results: relative to site-packages or the repository, else
+    from the last ``converter/`` on (e.g. a snapshot in a work folder elsewhere)."""
+    path = path.split("site-packages/")[-1].replace(str(REPO) + "/", "")
+    if path.startswith("/") and "/converter/" in path:
+        path = "converter/" + path.rsplit("/converter/", 1)[1]
+    return path
 
 
 def pyspy_profile(cmd: list[str], raw_out: Path, rate: int = 50) -> dict:
@@ -122,11 +131,16 @@ def memory_profile(cli_args: list[str], interval: float = 0.02) -> dict:
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    from converter.cli import main as cli_main
+    from importlib.metadata import entry_points
 
+    (efexport,) = entry_points(group="console_scripts", name="efexport")  # the command a user runs
+    argv = sys.argv
+    sys.argv = ["efexport", *cli_args]
     try:
-        cli_main.main(args=cli_args, standalone_mode=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # its "Wrote <absolute path>" line: not in the tables
+            efexport.load()()  # exits (SystemExit) only on an error
     finally:
+        sys.argv = argv
         stop.set()
         th.join()
     wall = time.perf_counter() - t0
@@ -144,6 +158,21 @@ def memory_profile(cli_args: list[str], interval: float = 0.02) -> dict:
             "per_function": sorted(({"function": k, **{kk: round(vv, 2) for kk, vv in v.items()}} for k, v in per.items()),
                                    key=lambda d: -d["seconds"]),
             "timeline": [(round(t, 2), r, a, f, fn) for t, r, a, f, fn in samples[:: max(1, len(samples) // 1500)]]}
+
+
+def records(result: dict) -> list[dict]:
+    """profile_<tag>.jsonl: one line per measurement, the RSS timeline down-sampled."""
+    from resultfile import downsample
+
+    head = {k: result[k] for k in ("size", "precision", "verify")}
+    out = []
+    if "pyspy" in result:
+        out.append({"record": "pyspy", **head, **result["pyspy"]})
+    if "memory" in result:
+        mem = dict(result["memory"])
+        mem["timeline"] = downsample(mem["timeline"])
+        out.append({"record": "memory", **head, **mem})
+    return out
 
 
 def chart(mem: dict, path: Path, title: str) -> None:
@@ -187,6 +216,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     import make_synthetic_run as synth
+    from resultfile import write_jsonl
 
     run = args.work / args.size / "run"
     if not (run / "resolved_config.json").is_file():
@@ -214,7 +244,7 @@ def main() -> None:
             pass
     shutil.rmtree(out, ignore_errors=True)
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / f"profile_{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_jsonl(HERE / "results" / f"profile_{tag}.jsonl", records(result))
     if "pyspy" in result:
         p = result["pyspy"]
         print(f"## py-spy: {tag}, wall {p['wall_s']} s, main thread {p['main_thread_s']} s\n")

@@ -1,4 +1,4 @@
-"""Tables, chart and the one-line JSON summary from benchmarks/results/<size>.json.
+"""Tables, chart and the one-line JSON summary from benchmarks/results/<size>.jsonl.
 
     python benchmarks/report.py                                        # benchmarks/results
     python benchmarks/report.py benchmarks/results benchmarks/results_parity   # + the parity rows
@@ -11,6 +11,11 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from resultfile import read_size_results  # noqa: E402
+from tasks import TASKS  # noqa: E402
+
 GIB = 2**30
 SIZE_ORDER = ["tiny", "0.6b", "1.7b"]
 
@@ -44,11 +49,11 @@ def load_results(*folders: Path) -> dict[str, dict]:
     (e.g. benchmarks/results + benchmarks/results_parity)."""
     out: dict[str, dict] = {}
     for folder in folders or (HERE / "results",):
-        for f in sorted(Path(folder).glob("*.json")):
+        for f in sorted(Path(folder).glob("*.jsonl")):
             if f.name.startswith("profile_"):
                 continue
-            d = json.loads(f.read_text())
-            if "size" not in d:  # e.g. results_gguf/parity.json (gguf_parity.py)
+            d = read_size_results(f)
+            if d is None:  # e.g. results_gguf/parity.jsonl (gguf_parity.py)
                 continue
             if d["size"] not in out:
                 out[d["size"]] = d
@@ -84,16 +89,13 @@ def targets(results: dict[str, dict]) -> list[dict]:
                              "value": round(v / bound, 3), "limit": 1.0, "detail": f"{v:.0f} MiB vs {bound:.0f} MiB",
                              "met": v <= bound})
         for name, num, den, metric, limit, only, text in RATIO_TARGETS:
-            for variant in ("", "_whatif"):  # _whatif: efexport with the proposed changes (whatif_export.py)
-                a, b = _med(r, num + variant, metric), _med(r, den, metric)
-                if a is None or b is None:
-                    continue
-                unit = "s" if metric == "wall_s" else " MiB"
-                rows.append({"size": size, "target": name + (":proposed" if variant else ""),
-                             "text": text + (" [with the proposed changes]" if variant else ""),
-                             "value": round(a / b, 3), "limit": limit, "proposed": bool(variant),
-                             "detail": f"{a:.1f}{unit} vs {b:.1f}{unit}", "met": a / b <= limit,
-                             "applies": only is None or size in only})
+            a, b = _med(r, num, metric), _med(r, den, metric)
+            if a is None or b is None:
+                continue
+            unit = "s" if metric == "wall_s" else " MiB"
+            rows.append({"size": size, "target": name, "text": text, "value": round(a / b, 3), "limit": limit,
+                         "detail": f"{a:.1f}{unit} vs {b:.1f}{unit}", "met": a / b <= limit,
+                         "applies": only is None or size in only})
     if "0.6b" in results and "1.7b" in results:
         for task, label in FLAT_TASKS.items():
             a, b = _med(results["1.7b"], task, "peak_rss_mib"), _med(results["0.6b"], task, "peak_rss_mib")
@@ -135,8 +137,6 @@ def figures(results: dict[str, dict]) -> dict:
 
 
 def markdown(results: dict[str, dict]) -> str:
-    from bench_export import TASKS
-
     lines = []
     for size, r in results.items():
         lines.append(f"### {size}: {r['num_parameters'] / 1e9:.2f}B parameters, checkpoint {r['checkpoint_bytes'] / 1e9:.2f} GB, "
@@ -158,10 +158,7 @@ def markdown(results: dict[str, dict]) -> str:
     lines.append("| size | target | measured | ratio | limit | |")
     lines.append("|---|---|---|---:|---:|---|")
     for row in targets(results):
-        if row.get("proposed"):
-            verdict = ("would be met" if row["met"] else "would still miss") if row["applies"] else "(n/a at this size)"
-        else:
-            verdict = ("met" if row["met"] else "**missed**") if row["applies"] else "(n/a at this size)"
+        verdict = ("met" if row["met"] else "**missed**") if row["applies"] else "(n/a at this size)"
         lines.append(f"| {row['size']} | {row['text']} | {row['detail']} | {row['value']:.2f} | {row['limit']} | {verdict} |")
     return "\n".join(lines)
 
@@ -212,7 +209,6 @@ def make_chart(results: dict[str, dict], path: Path) -> None:
 if __name__ == "__main__":
     import argparse
 
-    sys.path.insert(0, str(HERE))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", nargs="*", type=Path, default=[HERE / "results"],
                     help="result folders, merged in order (default benchmarks/results)")

@@ -126,34 +126,53 @@ def export_cmd(run: str, out: Path, checkpoint: str, precision: str | None, fmt:
                push_to_hub: str | None, private: bool, revision: str | None, commit_message: str | None,
                token: str | None, endpoint: str | None, as_json: bool, quiet: bool) -> None:
     """Export RUN (run dir, checkpoint dir, PEFT adapter or HF folder) to --out."""
-    from .export import ExportOptions, export
+    from .export import ExportOptions, PushOptions, export
+    from .export.api import PushFailed
 
     _quiet_libraries(quiet)
     push = None
     if push_to_hub:
-        push = {"repo_id": push_to_hub, "token": token, "endpoint": endpoint, "private": private,
-                "revision": revision, "commit_message": commit_message}
+        push = PushOptions(repo_id=push_to_hub, token=token, endpoint=endpoint, private=private,
+                           revision=revision, commit_message=commit_message)
     opts = ExportOptions(run=run, out=out, checkpoint=checkpoint, precision=precision, fmt=fmt, moe_layout=moe_layout,
                          max_shard_size=max_shard_size, template=template, force=force, dry_run=dry_run,
                          verify=not no_verify, base_model=base_model, download_base=download_base, license=license_, name=name, push=push,
                          progress=not quiet)
-    result = export(opts)
-    if dry_run:
-        lines = ["Dry run: nothing written."] + [f"  {k}: {v}" for k, v in result.items() if k != "dry_run"]
-        _emit(result, as_json, "\n".join(lines))
+    try:
+        result = export(opts)
+    except PushFailed as exc:
+        raise _push_again(exc) from None
+    if result.record is None:
+        plan = result.plan or {}
+        lines = ["Dry run: nothing written."] + [f"  {k}: {v}" for k, v in plan.items()]
+        _emit({"dry_run": True, **plan}, as_json, "\n".join(lines))
         return
-    parity = result.get("parity") or {}
+    record = result.record
+    parity = record.get("parity") or {}
     if "skipped" in parity:
         parity_text = f"parity skipped: {parity['skipped']}"
     else:
         parity_text = (f"parity: max |Δlogit| {parity['max_abs_logit_diff']:.3g}, top-1 {100 * parity['top1_agreement']:.1f}% "
                        f"vs {parity['reference']}" + (f" in {parity['engine']}" if parity.get("engine") else ""))
-    size = sum(f["size"] for f in result["files"].values())
-    text = [f"Wrote {opts.out} ({result['layout']}, {result['precision'] or 'source dtype'}, "
-            f"{len(result['files']) + 1} files, {size / 1e6:.1f} MB) in {result['_seconds']:.1f}s", parity_text]
-    if "_push" in result:
-        text.append(f"Pushed to {result['_push']['url']} (commit {result['_push']['commit_id']})")
-    _emit(result, as_json, "\n".join(text))
+    size = sum(f["size"] for f in record["files"].values())
+    text = [f"Wrote {result.out} ({record['layout']}, {record['precision'] or 'source dtype'}, "
+            f"{len(record['files']) + 1} files, {size / 1e6:.1f} MB) in {result.seconds:.1f}s", parity_text]
+    data = {**record, "out": str(result.out), "seconds": result.seconds}
+    if result.push:
+        text.append(f"Pushed to {result.push['url']} (commit {result.push['commit_id']})")
+        data["push"] = result.push
+    _emit(data, as_json, "\n".join(text))
+
+
+def _push_again(exc: Any) -> EfexportError:
+    """A failed --push-to-hub after a complete export: say which `efexport push` publishes it."""
+    p, cause = exc.push, exc.cause
+    again = (f"efexport push {exc.out} {p.repo_id}" + (f" --revision {p.revision}" if p.revision else "")
+             + (f" --endpoint {p.endpoint}" if p.endpoint else "") + (" --private" if p.private else ""))
+    fix = cause.fix.replace("re-run the same command", f"run `{again}`")
+    if again not in fix:
+        fix += f"; then publish it with `{again}` (no need to export again)"
+    return EfexportError(f"{cause.cannot} (the export itself is complete at {exc.out})", fix, cause.see)
 
 
 @main.command("inspect")

@@ -1,4 +1,4 @@
-"""User-facing errors in the seed's three-line form.
+"""User-facing errors in three lines: what failed, what to do, where to read.
 
 Every failure a user can fix is an :class:`EfexportError` (a ``ValueError``) whose
 message reads::
@@ -12,7 +12,9 @@ The CLI prints the message alone (no traceback) and exits non-zero.
 
 from __future__ import annotations
 
-DOCS = "https://github.com/efexport/efexport#readme"
+# See lines point at what the user has: a README section or a command's --help.
+DOCS = "docs: README.md"
+SEE_LOADING = "docs: README.md#loading-a-run"
 
 
 class EfexportError(ValueError):

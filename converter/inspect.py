@@ -3,30 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import EfexportError
+from .export.gguf import check_gguf
 from .pipeline import open_pipeline
 from .plan import plan_nbytes
-from .run import available_checkpoints, _step_of
+from .sinks.peft import adapter_plan
+from .source.run_dir import available_checkpoints, choose_checkpoint, step_of
 
 
 def _checkpoints(run_dir: Path | None) -> list[dict[str, Any]]:
     if run_dir is None:
         return []
-    from .run import choose_checkpoint
-
     out = []
     for name in available_checkpoints(run_dir):
         try:
             d = choose_checkpoint(run_dir, name)
         except EfexportError:
             continue
-        out.append({"name": name, "folder": d.name, "step": _step_of(d)})
+        out.append({"name": name, "folder": d.name, "step": step_of(d)})
     return out
 
 
-def _format_status(fn) -> str:
+def _format_status(fn: Callable[[], object]) -> str:
     try:
         fn()
         return "yes"
@@ -40,22 +40,8 @@ def inspect_run(path: str, checkpoint: str = "final", *, base_model: str | None 
         sizes = {p or "source": plan_nbytes(pipe.planned(p)) for p in (None, "fp32", "fp16", "bf16", "int8", "int4")}
         formats = {"hf": f"yes ({target.layout} layout, {target.architecture})"}
 
-        def gguf() -> None:
-            from .gguf_sink import check_gguf_request
-
-            if target.layout == "compact":
-                from .errors import fail
-
-                raise fail("write GGUF for a compact layout: llama.cpp has no architecture for it", "use --format hf")
-            check_gguf_request(target.hf_config, "q8_0", pipe.tokenizer_dir() or run.checkpoint_dir)
-
-        def peft() -> None:
-            from .peft_sink import check_peft_export
-
-            check_peft_export(pipe)
-
-        formats["gguf"] = _format_status(gguf)
-        formats["peft"] = _format_status(peft)
+        formats["gguf"] = _format_status(lambda: check_gguf(pipe, "q8_0"))
+        formats["peft"] = _format_status(lambda: adapter_plan(pipe))
         return {
             "path": str(Path(path)),
             "path_type": run.path_type,

@@ -1,6 +1,6 @@
 """Modules for the structure-preserving strategies (moe_expert_lora, mixture_lora).
 
-This file is the single source of truth for their forward math (run-format.md §3).
+This file is the single source of truth for their forward math (docs/run-format.md §3).
 It is used by the loader and the runtime loader, and it is copied verbatim into
 compact artifacts as ``modeling_efexport.py`` so ``trust_remote_code`` loads the very
 same code. Keep it self-contained: torch and transformers only, no package imports.
@@ -9,10 +9,11 @@ same code. Keep it self-contained: torch and transformers only, no package impor
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 STRUCTURE_KEY = "efexport_structure"
+# The run's own modules: kept in the dtype the run saved them in, never quantized.
+ADAPTER_MODULES = ("router", "lora_A", "lora_B")
 
 
 def _route(logits: torch.Tensor, top_k: int | None, out_dtype: torch.dtype) -> torch.Tensor:
@@ -144,8 +145,3 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
     else:
         raise ValueError(f"no structure to apply for strategy {kind!r}")
     return model
-
-
-def structure_skip_modules(structure: dict) -> list[str]:
-    """Module names bitsandbytes must leave in full precision (routers, LoRA factors)."""
-    return ["lm_head", "router", "lora_A", "lora_B"]

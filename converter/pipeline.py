@@ -1,10 +1,10 @@
-"""The one pipeline: source -> strategy transform -> precision -> (a sink).
+"""The one pipeline: source -> strategy -> precision, and nothing else (a sink takes the plan).
 
 :func:`open_pipeline` does everything that reads only JSON and safetensors headers
 (path detection, checkpoint choice, strategy detection and cross-check, layout choice,
 tensor planning), so all user errors surface before any tensor data is read. The
-loader (:mod:`converter.loader`) and the exporter (:mod:`converter.export`) are two
-sinks of the plan it returns.
+loader (:mod:`converter.loader`) and the exporter (:mod:`converter.export`) hand the plan
+it returns to a sink.
 """
 
 from __future__ import annotations
@@ -16,21 +16,25 @@ from typing import Any, Callable
 
 import torch
 
-from .layouts import STRUCTURED, Target, build_target, choose_layout, meta_model, quantizable_names
-from .plan import TensorPlan
-from .precision import apply_precision, base_dtype
-from .run import Injection, ResolvedRun, infer_injection, resolve
-from .source import TensorSource
-from .transforms import Reader
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json")
+from .errors import SEE_LOADING, fail
+from .hf_model import meta_model, quantizable_names
+from .modules import ADAPTER_MODULES
+from .plan import TensorPlan, numel
+from .precision import apply_precision
+from .source.peft_adapter import AdapterSource
+from .source.resolve import resolve
+from .source.run_dir import ResolvedRun
+from .source.safetensors import TensorSource
+from .strategy.injection import Injection, infer_injection
+from .strategy.layouts import STRUCTURED, Target, build_target, choose_layout
+from .strategy.peft_merge import open_adapter_source
+from .strategy.reader import Reader
 
 
 @dataclass
 class Pipeline:
     run: ResolvedRun
-    source: TensorSource
+    source: TensorSource | AdapterSource
     injection: Injection
     target: Target
 
@@ -43,7 +47,7 @@ class Pipeline:
         """Compact layouts keep routers and LoRA factors as the run had them."""
         if self.target.layout != "compact":
             return lambda name: False
-        return lambda name: name.endswith(".router.weight") or ".lora_A." in name or ".lora_B." in name
+        return lambda name: name.count(".") >= 2 and name.rsplit(".", 2)[-2] in ADAPTER_MODULES
 
     def planned(self, precision: str | None, float_dtype: torch.dtype | None = None) -> TensorPlan:
         """The target's tensors after the precision stage."""
@@ -55,14 +59,19 @@ class Pipeline:
         counts: dict[torch.dtype, int] = {}
         for info in self.source.infos.values():
             if info.dtype.is_floating_point:
-                n = 1
-                for d in info.shape:
-                    n *= d
-                counts[info.dtype] = counts.get(info.dtype, 0) + n
+                counts[info.dtype] = counts.get(info.dtype, 0) + numel(info.shape)
         return max(counts, key=counts.get) if counts else torch.float32
 
+    def num_parameters(self) -> int:
+        """Elements of the target model (the figure cards and GGUF metadata give)."""
+        return sum(numel(t.shape) for t in self.target.plan)
+
+    def config_dirs(self) -> list[Path | None]:
+        """Where generation_config.json may be: the checkpoint, then a PEFT adapter's base."""
+        return [self.run.checkpoint_dir, self.run.adapter and self.run.adapter.base_dir]
+
     def tokenizer_dir(self) -> Path | None:
-        candidates = [self.run.checkpoint_dir, self.run.run_dir, self.run.extras.get("base_dir")]
+        candidates = [self.run.checkpoint_dir, self.run.run_dir, self.run.adapter and self.run.adapter.base_dir]
         for d in candidates:
             if d is not None and any((Path(d) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
                 return Path(d)
@@ -82,10 +91,8 @@ def open_pipeline(path: str | Path, checkpoint: str | int = "final", *, moe_layo
                   for_loading: bool = False, base_model: str | None = None, download_base: bool = False) -> Pipeline:
     """Resolve, read headers, detect and plan; no tensor data is read here."""
     run = resolve(path, checkpoint, base_model=base_model, download_base=download_base)
-    if run.source_kind == "peft_adapter":
-        from .adapters import open_adapter_source
-
-        source, injection, reader = open_adapter_source(run)
+    if run.adapter is not None:
+        run, source, injection, reader = open_adapter_source(run)
     else:
         source = TensorSource(run.checkpoint_dir)
         shapes = {n: source.shape(n) for n in source.names}
@@ -94,12 +101,10 @@ def open_pipeline(path: str | Path, checkpoint: str | int = "final", *, moe_layo
     try:
         layout = choose_layout(injection, run.backbone, moe_layout, for_loading=for_loading)
         if injection.strategy in STRUCTURED and not run.backbone:
-            from .errors import fail
-
             raise fail(
                 f"rebuild the {injection.strategy} structure: the backbone is unknown",
                 'add "backbone": "qwen3" | "llama" | "gemma3" to resolved_config.json.',
-                "docs: README.md#loading-a-run",
+                SEE_LOADING,
             )
         target = build_target(reader, run.hf_config, injection, run.backbone, layout)
     except Exception:

@@ -9,6 +9,7 @@ result. Memory therefore stays bounded by the largest tensor group being produce
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -35,13 +36,15 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return numel(self.shape) * self.dtype.itemsize
 
 
 TensorPlan = list[PlannedTensor]
+
+
+def numel(shape: Iterable[int]) -> int:
+    """Element count of a shape (1 for a scalar)."""
+    return math.prod(shape)
 
 
 def plan_nbytes(plan: Iterable[PlannedTensor]) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -28,7 +27,7 @@ SEE_PRECISION = "docs: README.md#precisions"
 
 
 def bnb_config(precision: str, skip_modules: list[str] | None = None) -> dict[str, Any]:
-    """The ``quantization_config`` block transformers writes for the seed's BitsAndBytesConfig."""
+    """The ``quantization_config`` block transformers writes for efexport's BitsAndBytesConfig (NF4 + double quant, bf16 compute; LLM.int8)."""
     four = precision == "int4"
     return {
         "_load_in_4bit": four,

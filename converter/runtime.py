@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .errors import fail
-from .loader import LoadedModel, ModelMetadata, load_tokenizer, resolve_device, resolve_float_dtype
+from .loaded import LoadedModel, ModelMetadata, load_tokenizer, resolve_device, resolve_float_dtype
 from .manifest import read_manifest, verify_files
 
 SEE = "docs: README.md#loading-an-artifact"
@@ -32,13 +32,10 @@ def _local_folder(path: str | Path, revision: str | None, token: str | None, end
         return p.resolve()
     text = str(path)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        from .hub import download_artifact  # imports huggingface_hub, only here
+        from .fetch import download_artifact  # imports huggingface_hub, only here
 
-        folder = download_artifact(text, revision=revision, token=token, endpoint=endpoint)
-        from .hub import verify_local
-
-        verify_local(folder)  # a downloaded manifest is untrusted: paths must stay inside the folder too
-        return folder
+        # Names and sizes are checked there (a downloaded manifest is untrusted); the hashes, once, below.
+        return download_artifact(text, revision=revision, token=token, endpoint=endpoint)
     raise fail(f"load artifact {path}: no such folder", "pass the --out folder of an efexport export, or a Hub repo id.", SEE)
 
 
@@ -53,10 +50,10 @@ def _quantized_modules(source: Any) -> tuple[str | None, set[str]]:
 
 def _load_compact(folder: Path, config: dict[str, Any], float_dtype: torch.dtype | None) -> torch.nn.Module:
     """Rebuild the run's structure from converter.modules and stream the tensors in."""
-    from .model_sink import build_model
     from .modules import STRUCTURE_KEY
     from .plan import PlannedTensor
-    from .source import TensorSource
+    from .sinks.model import build_model
+    from .source.safetensors import TensorSource
 
     config = {k: v for k, v in config.items() if k not in ("quantization_config", "auto_map")}
     with TensorSource(folder) as source:

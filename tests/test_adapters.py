@@ -24,10 +24,11 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from converter import load_model  # noqa: E402
-from converter.adapters import DOWNLOAD_OPTION, merge_dora  # noqa: E402
+from converter.source.peft_adapter import DOWNLOAD_OPTION  # noqa: E402
+from converter.strategy.peft_merge import merge_dora  # noqa: E402
 from converter.errors import EfexportError  # noqa: E402
 from converter.pipeline import open_pipeline  # noqa: E402
-from converter.run import resolve  # noqa: E402
+from converter.source.resolve import resolve  # noqa: E402
 
 TOL = 1e-5
 REPORT: dict[str, tuple[float, float]] = {}  # case -> (max |Δ| weights, max |Δ| logits), printed with -s
@@ -232,8 +233,8 @@ def test_resolved_run_metadata(backbone, bases, tmp_path):
     assert run.path_type == "checkpoint_dir"
     assert run.backbone == backbone
     assert run.base_model == str(bases[backbone])
-    assert run.extras["base_dir"] == bases[backbone].resolve()
-    assert run.extras["adapter_config"]["r"] == 4
+    assert run.adapter.base_dir == bases[backbone].resolve()
+    assert run.adapter.adapter_config["r"] == 4
     assert "eulerforge" not in run.hf_config and run.hf_config["model_type"]
     with open_pipeline(adapter, base_model=str(bases[backbone])) as pipe:
         inj = pipe.injection
@@ -328,7 +329,7 @@ def test_base_from_local_hf_cache(sharded, bases, tmp_path, empty_hf_cache):
     edit_config(adapter, base_model_name_or_path="tiny-org/tiny-llama")
     run = resolve(adapter)
     assert run.base_model == "tiny-org/tiny-llama"
-    assert run.extras["base_dir"] == snapshot
+    assert run.adapter.base_dir == snapshot
     assert resolve(adapter, base_model="tiny-org/tiny-llama").base_model == "tiny-org/tiny-llama"
     ref = peft_merged(base, adapter)
     ids = probe_ids(base)
@@ -369,7 +370,7 @@ def test_missing_base_names_base_model_option(bases, tmp_path, empty_hf_cache):
 def test_wrong_base_is_refused(bases, tmp_path):
     adapter = make_adapter(bases["llama"], tmp_path / "a", target_modules=["q_proj"])
     with pytest.raises(EfexportError) as exc:
-        resolve(adapter, base_model=str(bases["gpt2"]))
+        open_pipeline(adapter, base_model=str(bases["gpt2"]))
     assert "adapter" in _assert_three_lines(exc.value)[0]
 
 
@@ -377,7 +378,7 @@ def test_weights_not_selected_by_config_are_refused(bases, tmp_path):
     adapter = make_adapter(bases["qwen3"], tmp_path / "a", target_modules=["q_proj", "v_proj"])
     edit_config(adapter, target_modules=["q_proj"])
     with pytest.raises(EfexportError) as exc:
-        resolve(adapter, base_model=str(bases["qwen3"]))
+        open_pipeline(adapter, base_model=str(bases["qwen3"]))
     assert "v_proj" in _assert_three_lines(exc.value)[0]
 
 
@@ -385,7 +386,7 @@ def test_rank_pattern_must_match_weights(bases, tmp_path):
     adapter = make_adapter(bases["qwen3"], tmp_path / "a", r=4, target_modules=["q_proj"])
     edit_config(adapter, rank_pattern={"q_proj": 2})
     with pytest.raises(EfexportError) as exc:
-        resolve(adapter, base_model=str(bases["qwen3"]))
+        open_pipeline(adapter, base_model=str(bases["qwen3"]))
     assert "rank" in _assert_three_lines(exc.value)[0]
 
 
@@ -440,7 +441,7 @@ def test_trainer_style_folder_best_and_latest(bases, tmp_path):
 
 def _refused(adapter: Path, base: Path) -> list[str]:
     with pytest.raises(EfexportError) as exc:
-        resolve(adapter, base_model=str(base))
+        open_pipeline(adapter, base_model=str(base))
     return _assert_three_lines(exc.value)
 
 

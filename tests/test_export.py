@@ -24,12 +24,29 @@ from converter.manifest import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 EFEXPORT = [sys.executable, "-m", "converter.cli"]
+# The CLI with every tensor write slowed down, so a test can interrupt an export mid-way
+# (the sink's write_shard wrapped from outside: no hook in shipped code).
+SLOW_EFEXPORT = [sys.executable, "-c", """
+import sys, time
+import converter.sinks.safetensors as sink
+real = sink.write_shard
+def slow(path, shard, on_tensor=None):
+    def tick(planned, size):
+        time.sleep(0.05)
+        if on_tensor is not None:
+            on_tensor(planned, size)
+    return real(path, shard, tick)
+sink.write_shard = slow
+from converter.cli import run
+sys.argv[0] = "efexport"
+run()
+"""]
 PRECISIONS = [None, "fp32", "bf16", "fp16", "int8", "int4"]
 
 
 def _export(run, out: Path, **kw) -> dict:
     kw.setdefault("progress", False)
-    return export(ExportOptions(run=str(run.path if hasattr(run, "path") else run), out=out, **kw))
+    return export(ExportOptions(run=str(run.path if hasattr(run, "path") else run), out=out, **kw)).record
 
 
 def _hf_load(path: Path, **kw):
@@ -178,7 +195,7 @@ def test_bf16_source_keeps_its_dtype_and_merges_in_fp32(run_factory, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_blockwise_merge_equals_the_whole_matrix_float32_merge(dtype):
     # 600 rows: two full 256-row blocks and a partial one.
-    from converter.transforms import merge_lora, merge_lora_f32
+    from converter.strategy.lora import merge_lora, merge_lora_f32
 
     g = torch.Generator().manual_seed(3)
     w0 = torch.randn(600, 320, generator=g).to(dtype)
@@ -194,15 +211,15 @@ def test_blockwise_merge_equals_the_whole_matrix_float32_merge(dtype):
 def test_large_tensors_taken_as_they_are_stream_in_row_pieces(run_factory, tmp_path, monkeypatch, precision):
     """Above the streaming size, a tensor the export copies (or only casts) is read and written a
     block of rows at a time, never whole, and the shards are byte-identical to whole-tensor writes."""
-    import converter.safetensors_sink as sink
-    from converter.source import TensorSource
+    import converter.sinks.safetensors as sink
+    from converter.source.safetensors import TensorSource
 
     run = run_factory("qwen3", "dense_lora", dtype=torch.bfloat16)
     whole = tmp_path / "whole"
     _export(run, whole, precision=precision, verify=False)
 
-    monkeypatch.setattr(sink, "_STREAM_BYTES", 4096)
-    monkeypatch.setattr(sink, "_PIECE_BYTES", 1024)
+    monkeypatch.setattr(sink, "STREAM_BYTES", 4096)
+    monkeypatch.setattr(sink, "PIECE_BYTES", 1024)
     pieces: dict[str, list[tuple[int, int]]] = {}
     real_get, real_rows = TensorSource.get, TensorSource.get_rows
 
@@ -257,7 +274,7 @@ def test_force_keeps_old_artifact_when_new_export_fails(run_factory, tmp_path, m
     out = tmp_path / "art"
     _export(run, out, verify=False)
     before = _snapshot(out)
-    import converter.safetensors_sink as sink
+    import converter.sinks.safetensors as sink
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
@@ -296,9 +313,10 @@ def test_parity_failure_is_an_error_and_writes_nothing(run_factory, tmp_path, mo
 def test_dry_run_writes_nothing(run_factory, tmp_path):
     run = run_factory("qwen3", "moe_expert_lora")
     out = tmp_path / "art"
-    result = _export(run, out, dry_run=True, precision="int4")
-    assert result["dry_run"] and result["layout"] == "moe" and result["architecture"] == "Qwen3MoeForCausalLM"
-    assert result["planned_bytes"] > 0
+    result = export(ExportOptions(run=str(run.path), out=out, dry_run=True, precision="int4", progress=False))
+    assert result.record is None
+    assert result.plan["layout"] == "moe" and result.plan["architecture"] == "Qwen3MoeForCausalLM"
+    assert result.plan["planned_bytes"] > 0
     assert list(tmp_path.iterdir()) == []
 
 
@@ -415,8 +433,8 @@ def test_interrupted_export_leaves_nothing_and_stale_tmp_is_cleaned(run_factory,
     """SIGTERM mid-export: --out never appears; a kill -9 leftover is removed by the next run."""
     run = run_factory("gemma3", "mixture_lora")
     out = tmp_path / "art"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "EFEXPORT_TEST_SLOW_WRITE": "0.05"}
-    proc = subprocess.Popen([*EFEXPORT, str(run.path), "--out", str(out), "--quiet"], env=env,
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([*SLOW_EFEXPORT, str(run.path), "--out", str(out), "--quiet"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not _leftovers(tmp_path):
@@ -427,7 +445,7 @@ def test_interrupted_export_leaves_nothing_and_stale_tmp_is_cleaned(run_factory,
     assert proc.returncode == 130 and "nothing was written" in err
     assert not out.exists() and not _leftovers(tmp_path)
     # kill -9 leaves the temporary folder behind; the next export of the same --out removes it
-    proc = subprocess.Popen([*EFEXPORT, str(run.path), "--out", str(out), "--quiet"], env=env,
+    proc = subprocess.Popen([*SLOW_EFEXPORT, str(run.path), "--out", str(out), "--quiet"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     while time.time() < deadline and not _leftovers(tmp_path):
         time.sleep(0.05)

@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from converter import EfexportError
 from converter.export import ExportOptions, export
-from converter.gguf_sink import llama_cpp_available, llama_cpp_logits, llama_cpp_tokenize
+from converter.sinks.gguf import llama_cpp_available, llama_cpp_logits, llama_cpp_tokenize
 from converter.manifest import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ GGUF_FILES = {"README.md", "Modelfile", "efexport.json"}
 
 def _export(run, out: Path, **kw) -> dict:
     kw.setdefault("progress", False)
-    return export(ExportOptions(run=str(run.path), out=out, **kw))
+    return export(ExportOptions(run=str(run.path), out=out, **kw)).record
 
 
 def _the_gguf(out: Path) -> Path:

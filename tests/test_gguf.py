@@ -29,7 +29,8 @@ from safetensors import safe_open
 from converter.errors import EfexportError
 from converter.pipeline import open_pipeline
 from converter.plan import PlannedTensor
-import converter.gguf_sink as gs
+import converter.sinks.gguf as gs
+from converter.sinks.gguf import FAMILIES, families, tensors, writer
 
 _OPEN_PIPELINES: list = []
 
@@ -300,21 +301,23 @@ def test_quantized_keep_top1(gguf_type, min_top1, models_root, tmp_path):
     assert top1 >= min_top1
 
 
-@pytest.mark.parametrize("arch,flag", [("llama", "_skip_permute"), ("gemma3", "_skip_norm_shift"),
+@pytest.mark.parametrize("arch,flag", [("llama", "no_permute"), ("gemma3", "no_norm_shift"),
                                        ("gemma3", "no_q_fold"), ("llama", "no_llama3_rope")])
 def test_negative_controls_are_caught(arch, flag, models_root, tmp_path, monkeypatch):
     """Each llama.cpp specific, left out, makes the parity check fail."""
     pytest.importorskip("llama_cpp")
     folder = build_model(arch, models_root)
-    kw = {}
-    if flag == "no_q_fold":
-        monkeypatch.setattr(gs, "_gemma3_q_fold", lambda cfg: 1.0)
+    keep = lambda t, cfg: t  # noqa: E731
+    if flag == "no_permute":  # q/k weights and biases keep HF's rotate-half row order
+        monkeypatch.setattr(families, "permute", lambda w, n_head, n_head_kv: w)
+    elif flag == "no_norm_shift":  # norms stored as w, not 1 + w (the query scale is still folded)
+        monkeypatch.setitem(FAMILIES["gemma3"].transforms, "norm.weight", keep)
+    elif flag == "no_q_fold":
+        monkeypatch.setitem(FAMILIES["gemma3"].transforms, "self_attn.q_norm.weight", keep)
     elif flag == "no_llama3_rope":
-        real = gs._llama3_rope_factors
-        monkeypatch.setattr(gs, "_llama3_rope_factors", lambda cfg, rope: torch.ones_like(real(cfg, rope)))
-    else:
-        kw[flag] = True
-    out, _ = export(folder, tmp_path, "fp32", **kw)
+        real = tensors.llama3_rope_factors
+        monkeypatch.setattr(tensors, "llama3_rope_factors", lambda cfg, rope: torch.ones_like(real(cfg, rope)))
+    out, _ = export(folder, tmp_path, "fp32")
     rel, top1 = parity(folder, out)
     print(f"NEGATIVE {arch} {flag} rel={rel:.2e} top1={top1:.3f}")
     assert rel > 10 * PARITY_TOL[arch], (rel, top1)
@@ -430,7 +433,7 @@ def test_tensors_taken_as_they_are_stream_in_row_pieces(gtype, models_root, tmp_
     import dataclasses
 
     folder = build_model("qwen3", models_root)
-    monkeypatch.setattr(gs, "_CHUNK_ELEMS", 64 * 7)  # 7 rows of the 64-wide embedding per piece
+    monkeypatch.setattr(writer, "CHUNK_ELEMS", 64 * 7)  # 7 rows of the 64-wide embedding per piece
     pieces: list[tuple[int, int]] = []
 
     def watch(p: PlannedTensor) -> PlannedTensor:

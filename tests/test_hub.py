@@ -1,4 +1,5 @@
-"""converter.hub against the real huggingface_hub client and a local Hub-compatible server.
+"""converter.hub (push) and converter.fetch (download) against the real huggingface_hub client
+and a local Hub-compatible server.
 
 The fake Hub (tests/hub_server.py) runs on 127.0.0.1; the client is pointed at it with
 ``endpoint=`` and a temporary HF_HOME. Xet is disabled so the client speaks plain LFS;
@@ -29,6 +30,8 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from converter import hub  # noqa: E402
 from converter.errors import EfexportError  # noqa: E402
+from converter.fetch import download_artifact  # noqa: E402
+from converter.manifest import verify_folder  # noqa: E402
 from hub_server import FakeHub  # noqa: E402
 
 TOKEN = "hf_efexportTestTokenAlice0123456789abcd"
@@ -241,7 +244,7 @@ def test_private_and_revision(hub_server, tmp_path):
 
     # Private really is private: an anonymous download does not see it.
     with pytest.raises(EfexportError) as info:
-        hub.download_artifact("alice/secret", revision="release/v1", endpoint=hub_server.url, cache_dir=tmp_path / "dl")
+        download_artifact("alice/secret", revision="release/v1", endpoint=hub_server.url, cache_dir=tmp_path / "dl")
     assert "404" in assert_three_lines(info.value)
 
 
@@ -311,7 +314,7 @@ def test_verify_remote_reports_a_missing_file(hub_server, tmp_path):
     result = push(hub_server, folder)
     manifest = json.loads((folder / "efexport.json").read_text())
     manifest["files"]["extra.txt"] = {"sha256": "1" * 64, "size": 3}
-    api = hub._make_api(TOKEN, hub_server.url)
+    api = hub.preflight("alice/demo", token=TOKEN, endpoint=hub_server.url)
     with pytest.raises(EfexportError) as info:
         hub.verify_remote(api, "alice/demo", result.commit_id, manifest, folder)
     assert "extra.txt is missing on the Hub" in assert_three_lines(info.value)
@@ -326,7 +329,7 @@ def test_push_refuses_a_tampered_folder_before_any_request(hub_server, tmp_path)
     assert hub_server.log == []
 
 
-# --------------------------------------------------------------------------- verify_local
+# --------------------------------------------------------------------------- verify_folder (before a push)
 
 
 @pytest.mark.parametrize(
@@ -344,10 +347,10 @@ def test_push_refuses_a_tampered_folder_before_any_request(hub_server, tmp_path)
 )
 def test_verify_local_names_the_offending_file(tmp_path, damage, needle):
     folder = make_artifact(tmp_path)
-    assert hub.verify_local(folder)["format"] == "efexport"
+    assert verify_folder(folder)["format"] == "efexport"
     damage(folder)
     with pytest.raises(EfexportError) as info:
-        hub.verify_local(folder)
+        verify_folder(folder)
     assert needle in assert_three_lines(info.value)
 
 
@@ -357,7 +360,7 @@ def test_verify_local_rejects_paths_outside_the_folder(tmp_path):
     manifest["files"]["../outside.txt"] = {"sha256": "0" * 64, "size": 0}
     (folder / "efexport.json").write_text(json.dumps(manifest))
     with pytest.raises(EfexportError) as info:
-        hub.verify_local(folder)
+        verify_folder(folder)
     assert "not a plain relative path" in assert_three_lines(info.value)
 
 
@@ -367,7 +370,7 @@ def test_verify_local_refuses_newer_format(tmp_path):
     manifest["format_version"] = 2
     (folder / "efexport.json").write_text(json.dumps(manifest))
     with pytest.raises(EfexportError) as info:
-        hub.verify_local(folder)
+        verify_folder(folder)
     assert "format_version 2" in assert_three_lines(info.value)
 
 
@@ -578,12 +581,12 @@ def test_download_roundtrip(hub_server, tmp_path):
     folder = make_artifact(tmp_path)
     result = push(hub_server, folder, revision="v1")
 
-    snapshot = hub.download_artifact(
+    snapshot = download_artifact(
         "alice/demo", revision="v1", token=TOKEN, endpoint=hub_server.url, cache_dir=tmp_path / "cache"
     )
 
     assert snapshot.name == result.commit_id
-    assert hub.verify_local(snapshot)["format"] == "efexport"
+    assert verify_folder(snapshot)["format"] == "efexport"
     downloaded = artifact_files(snapshot)
     for rel, data in artifact_files(folder).items():
         assert downloaded[rel] == data
@@ -597,22 +600,22 @@ def test_download_detects_a_corrupted_file(hub_server, tmp_path):
     repo = hub_server.repos["alice/demo"]
     oid = hub_server.files("alice/demo")["model-00001-of-00002.safetensors"].lfs_oid
     repo.lfs[oid] = bytes(len(repo.lfs[oid]))
-    snapshot = hub.download_artifact("alice/demo", token=TOKEN, endpoint=hub_server.url, cache_dir=tmp_path / "cache")
+    snapshot = download_artifact("alice/demo", token=TOKEN, endpoint=hub_server.url, cache_dir=tmp_path / "cache")
     with pytest.raises(EfexportError) as info:  # hashes are the caller's (the runtime loader's) job ...
-        hub.verify_local(snapshot)
+        verify_folder(snapshot)
     assert "model-00001-of-00002.safetensors: its sha256 differs" in assert_three_lines(info.value)
     with pytest.raises(EfexportError) as info:  # ... or download_artifact's when asked
-        hub.download_artifact("alice/demo", token=TOKEN, endpoint=hub_server.url, cache_dir=tmp_path / "cache", verify=True)
+        download_artifact("alice/demo", token=TOKEN, endpoint=hub_server.url, cache_dir=tmp_path / "cache", verify=True)
     assert "model-00001-of-00002.safetensors: its sha256 differs" in assert_three_lines(info.value)
 
 
 def test_download_missing_repo_and_revision(hub_server, tmp_path):
     with pytest.raises(EfexportError) as info:
-        hub.download_artifact("alice/nothing", token=TOKEN, endpoint=hub_server.url, cache_dir=tmp_path / "c")
+        download_artifact("alice/nothing", token=TOKEN, endpoint=hub_server.url, cache_dir=tmp_path / "c")
     assert "404" in assert_three_lines(info.value)
     push(hub_server, make_artifact(tmp_path))
     with pytest.raises(EfexportError) as info:
-        hub.download_artifact("alice/demo", revision="nope", token=TOKEN, endpoint=hub_server.url, cache_dir=tmp_path / "c")
+        download_artifact("alice/demo", revision="nope", token=TOKEN, endpoint=hub_server.url, cache_dir=tmp_path / "c")
     assert "revision 'nope'" in assert_three_lines(info.value)
 
 
@@ -629,7 +632,7 @@ def test_token_never_printed_logged_or_written(hub_server, hf_env, tmp_path, cap
         folder = make_artifact(tmp_path)
         result = push(hub_server, folder, private=True, revision="dev")
         print(json.dumps(result.to_dict()))
-        hub.download_artifact("alice/demo", revision="dev", token=TOKEN, endpoint=hub_server.url)
+        download_artifact("alice/demo", revision="dev", token=TOKEN, endpoint=hub_server.url)
         hub_server.fail(r"/preupload/", 500, times=None)
         for kwargs in ({"token": TOKEN}, {"token": BAD_TOKEN}):
             with pytest.raises(EfexportError) as info:
@@ -680,7 +683,7 @@ def test_download_of_a_repo_without_efexport_json(hub_server, tmp_path, monkeypa
     hub_server.create_repo("alice/plain")
     monkeypatch.setenv("HF_ENDPOINT", hub_server.url)  # what the runtime loader relies on (no endpoint argument)
     with pytest.raises(EfexportError) as info:
-        hub.download_artifact("alice/plain", token=TOKEN, cache_dir=tmp_path / "c")
+        download_artifact("alice/plain", token=TOKEN, cache_dir=tmp_path / "c")
     assert "no efexport.json" in assert_three_lines(info.value)
 
 
@@ -696,7 +699,7 @@ def test_download_errors_map_to_three_lines(hub_server, tmp_path, status, header
     push(hub_server, make_artifact(tmp_path))
     hub_server.fail(r"^/api/models/alice/demo/revision/", status, times=None, headers=headers)
     with pytest.raises(EfexportError) as info:
-        hub.download_artifact("alice/demo", token=TOKEN, endpoint=hub_server.url, cache_dir=tmp_path / "c")
+        download_artifact("alice/demo", token=TOKEN, endpoint=hub_server.url, cache_dir=tmp_path / "c")
     text = assert_three_lines(info.value)
     for needle in needles:
         assert needle in text, (needle, text)

@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from converter import hub  # noqa: E402
 from converter.errors import EfexportError  # noqa: E402
-from converter.export import ExportOptions, export  # noqa: E402
-from converter.manifest import sha256_file  # noqa: E402
+from converter.export import ExportOptions, PushOptions, export  # noqa: E402
+from converter.fetch import download_artifact  # noqa: E402
+from converter.manifest import sha256_file, verify_folder  # noqa: E402
 from converter.runtime import load_artifact  # noqa: E402
 from fixtures.reference import reference_logits  # noqa: E402
 from fixtures.runs import probe_ids  # noqa: E402
@@ -171,7 +172,7 @@ def test_cli_export_int4_and_push_to_hub(run_factory, hub_server, tmp_path):
     out = tmp_path / "dir"
     record = json.loads(proc.stdout)
     head = hub_server.head("alice/qwen3-int4")
-    assert record["_push"] == {"repo_id": "alice/qwen3-int4", "url": f"{hub_server.url}/alice/qwen3-int4",
+    assert record["push"] == {"repo_id": "alice/qwen3-int4", "url": f"{hub_server.url}/alice/qwen3-int4",
                                "commit_id": head.oid, "revision": "main"}
     assert record["precision"] == "int4" and record["source"]["checkpoint"] == "best"
     assert record["files"] == json.loads((out / "efexport.json").read_text())["files"]
@@ -213,7 +214,7 @@ def test_cli_bad_token_fails_before_anything_is_written(run_factory, hub_server,
     # The same through the API, with a read-only token: refused from whoami alone.
     with pytest.raises(EfexportError) as info:
         export(ExportOptions(run=str(run.path), out=tmp_path / "api", verify=False, progress=False,
-                             push={"repo_id": "alice/qwen3", "token": READ_TOKEN, "endpoint": hub_server.url}))
+                             push=PushOptions(repo_id="alice/qwen3", token=READ_TOKEN, endpoint=hub_server.url)))
     assert_three_lines(info.value)
     assert "read-only" in str(info.value)
     assert not (tmp_path / "api").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hf_home"]
@@ -269,9 +270,9 @@ def test_cli_push_private_to_a_branch(fp32_artifact, hub_server, tmp_path):
 
     # Private: invisible without a token, byte-identical with one.
     with pytest.raises(EfexportError) as info:
-        hub.download_artifact("alice/secret", revision="release/v1", endpoint=hub_server.url)
+        download_artifact("alice/secret", revision="release/v1", endpoint=hub_server.url)
     assert "404" in str(info.value)
-    snapshot = hub.download_artifact("alice/secret", revision="release/v1", token=TOKEN, endpoint=hub_server.url,
+    snapshot = download_artifact("alice/secret", revision="release/v1", token=TOKEN, endpoint=hub_server.url,
                                      verify=True)
     assert snapshot_files(snapshot) == local_files(art)
     assert_no_token(hub_server, tmp_path, proc.stdout, proc.stderr, str(info.value))
@@ -305,13 +306,14 @@ def test_api_export_compact_private_branch_and_load(run_factory, hub_server, tmp
     """A compact (mixture_lora) export pushed by export(push=...) to a private branch; loaded back by revision."""
     run = run_factory("qwen3", "mixture_lora")
     out = tmp_path / "compact"
-    record = export(ExportOptions(run=str(run.path), out=out, moe_layout="compact", precision="fp32", verify=False,
+    result = export(ExportOptions(run=str(run.path), out=out, moe_layout="compact", precision="fp32", verify=False,
                                   progress=False,
-                                  push={"repo_id": "alice/mix", "token": TOKEN, "endpoint": hub_server.url,
-                                        "private": True, "revision": "v1", "commit_message": None}))
+                                  push=PushOptions(repo_id="alice/mix", token=TOKEN, endpoint=hub_server.url,
+                                                   private=True, revision="v1", commit_message=None)))
+    record = result.record
     assert record["layout"] == "compact"
     head = hub_server.head("alice/mix", "v1")
-    assert record["_push"] == {"repo_id": "alice/mix", "url": f"{hub_server.url}/alice/mix", "commit_id": head.oid,
+    assert result.push == {"repo_id": "alice/mix", "url": f"{hub_server.url}/alice/mix", "commit_id": head.oid,
                                "revision": "v1"}
     assert head.title == "Upload efexport artifact (compact, fp32)"
     assert hub_server.repos["alice/mix"].private is True
@@ -332,8 +334,9 @@ def test_api_gguf_folder_pushes_unchanged(run_factory, hub_server, tmp_path):
     pytest.importorskip("llama_cpp")
     run = run_factory("qwen3", "dense_lora")
     out = tmp_path / "gguf"
-    record = export(ExportOptions(run=str(run.path), out=out, fmt="gguf", precision="q8_0", progress=False,
-                                  push={"repo_id": "alice/qwen3-gguf", "token": TOKEN, "endpoint": hub_server.url}))
+    result = export(ExportOptions(run=str(run.path), out=out, fmt="gguf", precision="q8_0", progress=False,
+                                  push=PushOptions(repo_id="alice/qwen3-gguf", token=TOKEN, endpoint=hub_server.url)))
+    record = result.record
     assert record["layout"] == "gguf" and record["precision"] == "q8_0"
     assert record["parity"].get("engine", "").startswith("llama.cpp")
     before = local_files(out)
@@ -341,7 +344,7 @@ def test_api_gguf_folder_pushes_unchanged(run_factory, hub_server, tmp_path):
     ggufs = [rel for rel in stored if rel.endswith(".gguf")]
     assert len(ggufs) == 1 and stored[ggufs[0]].lfs_oid == sha256_file(out / ggufs[0])
     assert "Modelfile" in stored and not stored["Modelfile"].lfs_oid
-    assert record["_push"]["commit_id"] == hub_server.head("alice/qwen3-gguf").oid
+    assert result.push["commit_id"] == hub_server.head("alice/qwen3-gguf").oid
     assert local_files(out) == before
     assert_no_token(hub_server, tmp_path)
 
@@ -378,10 +381,10 @@ def test_failed_push_leaves_a_complete_artifact_that_efexport_push_publishes(run
     out = tmp_path / "art"
     with pytest.raises(EfexportError) as info:
         export(ExportOptions(run=str(run.path), out=out, precision="fp32", verify=False, progress=False,
-                             push={"repo_id": "alice/locked", "token": TOKEN, "endpoint": hub_server.url}))
+                             push=PushOptions(repo_id="alice/locked", token=TOKEN, endpoint=hub_server.url)))
     assert_three_lines(info.value)
     assert "403" in str(info.value) and "alice/locked" in str(info.value)
-    hub.verify_local(out)  # complete and matching its manifest
+    verify_folder(out)  # complete and matching its manifest
     assert hub_server.head("alice/locked").oid == initial and hub_server.requests("PUT") == []
 
     hub_server.repos["alice/locked"].denied.clear()

@@ -15,12 +15,11 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .errors import fail
-from .layouts import meta_model
-from .plan import PlannedTensor
+from ..errors import fail
+from ..hf_model import meta_model
+from ..plan import PlannedTensor
 
 SEE = "docs: README.md#loading-a-run"
-NF4_SUFFIXES = (".absmax", ".nested_absmax", ".nested_quant_map", ".quant_map", ".quant_state.bitsandbytes__nf4")
 
 
 def _materialise_buffers(model: nn.Module) -> None:

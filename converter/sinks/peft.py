@@ -1,9 +1,7 @@
-"""``--format peft``: a dense_lora run as a PEFT LoRA adapter (vLLM / TGI multi-LoRA).
+"""PEFT adapter sink: LoRA factors under PEFT's key names, ``adapter_config.json`` from PEFT's ``LoraConfig``.
 
-The LoRA factors are streamed under PEFT's key names into ``adapter_model.safetensors``;
-``adapter_config.json`` is written by PEFT's own ``LoraConfig``. Parity loads the run's
-base weights as a plain model, applies the adapter with ``PeftModel.from_pretrained``
-and compares with the run.
+For vLLM / TGI multi-LoRA and ``PeftModel.from_pretrained``; only plain LoRA runs
+(EulerForge ``dense_lora``) are adapters PEFT can hold.
 """
 
 from __future__ import annotations
@@ -11,18 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .errors import fail
-from .plan import PlannedTensor, TensorPlan
-from .transforms import LORA_SUFFIXES
-from .run import Injection
+from ..errors import fail
+from ..plan import PlannedTensor, TensorPlan
+from ..strategy.injection import Injection
+from ..strategy.lora import LORA_SUFFIXES
+from .safetensors import write_shard
 
 SEE = "docs: README.md#formats"
 PEFT_PREFIX = "base_model.model."
 
 
-def check_peft_export(pipe) -> TensorPlan:
+def adapter_plan(pipe: Any) -> TensorPlan:
     """The adapter's planned tensors, or a three-line refusal for what a PEFT LoRA cannot hold."""
     inj = pipe.injection
     if inj.strategy != "dense_lora" or pipe.run.source_kind != "eulerforge_run":
@@ -40,7 +37,7 @@ def check_peft_export(pipe) -> TensorPlan:
     ]
 
 
-def _lora_config(inj: Injection, base_model: str | None, target_modules: list[str]):
+def lora_config(inj: Injection, base_model: str | None, target_modules: list[str]) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -49,25 +46,14 @@ def _lora_config(inj: Injection, base_model: str | None, target_modules: list[st
     )
 
 
-def write_peft(prepared, tmp: Path) -> dict[str, Any]:
-    from .export import _copy_side_files, _public_base_model
-    from .safetensors_sink import write_shard
-
-    pipe = prepared.pipe
-    write_shard(tmp / "adapter_model.safetensors", prepared.plan)
-    targets = sorted({t.name.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for t in prepared.plan})
-    _lora_config(pipe.injection, _public_base_model(pipe.run.base_model), targets).save_pretrained(str(tmp))
-    _copy_side_files(pipe, tmp)
-    parity = _parity(prepared, tmp) if prepared.opts.verify else {"skipped": "--no-verify"}
-    from .parity import within_tolerance
-
-    if not within_tolerance(parity, "fp32", True):
-        raise fail(f"keep this adapter: with its base weights it differs from the run by {parity['max_abs_logit_diff']:.3g}",
-                   "report this as a bug; nothing was written to --out.", SEE)
-    return {"layout": "peft_adapter", "parity": parity}
+def write_adapter(plan: TensorPlan, inj: Injection, base_model: str | None, dest: Path) -> None:
+    """adapter_model.safetensors and adapter_config.json into ``dest``."""
+    write_shard(dest / "adapter_model.safetensors", plan)
+    targets = sorted({t.name.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for t in plan})
+    lora_config(inj, base_model, targets).save_pretrained(str(dest))
 
 
-def base_plan(pipe) -> TensorPlan:
+def base_plan(pipe: Any) -> TensorPlan:
     """The run's frozen base weights under Hugging Face names (LoRA left out, nothing merged)."""
     r = pipe.source
     return [
@@ -75,20 +61,3 @@ def base_plan(pipe) -> TensorPlan:
         for n in r.names
         if not n.endswith(LORA_SUFFIXES)
     ]
-
-
-def _parity(prepared, tmp: Path) -> dict[str, Any]:
-    from .export import measure_parity
-    from .model_sink import build_model
-
-    pipe = prepared.pipe
-
-    def adapter_logits(batches: list[torch.Tensor]) -> list[torch.Tensor]:
-        from peft import PeftModel
-
-        base = build_model(pipe.target.hf_config, None, base_plan(pipe), None, set())
-        model = PeftModel.from_pretrained(base, str(tmp), torch_device="cpu").eval()
-        with torch.no_grad():
-            return [model(input_ids=b).logits.float() for b in batches]
-
-    return measure_parity(prepared, adapter_logits, engine="peft (PeftModel on the run's base weights)")

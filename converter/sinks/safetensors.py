@@ -19,17 +19,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import fail
-from .plan import PlannedTensor, TensorPlan
+from ..errors import fail
+from ..plan import PlannedTensor, TensorPlan
+from ..source.safetensors import SAFETENSORS_DTYPES
 
-DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 # Test hook: seconds to pause after each tensor, so interruption tests can hit mid-write.
-_TEST_PAUSE = float(os.environ.get("EFEXPORT_TEST_SLOW_WRITE", "0") or 0)
 
 
 def parse_size(size: str | int) -> int:
@@ -82,7 +79,7 @@ def write_shard(path: Path, shard: TensorPlan, on_tensor: Callable[[PlannedTenso
         fh.seek(8 + reserved)
         pending = None  # one write in flight while the next tensor is read, merged and cast
         for planned in shard:
-            streamed = planned.produce_rows is not None and planned.nbytes > _STREAM_BYTES
+            streamed = planned.produce_rows is not None and planned.nbytes > STREAM_BYTES
             size, shape = 0, list(planned.shape)
             for piece in (_row_pieces(planned) if streamed else _whole(planned)):
                 data = _tensor_bytes(piece)
@@ -100,10 +97,6 @@ def write_shard(path: Path, shard: TensorPlan, on_tensor: Callable[[PlannedTenso
             offset += size
             if on_tensor is not None:
                 on_tensor(planned, size)
-            if _TEST_PAUSE:
-                import time
-
-                time.sleep(_TEST_PAUSE)
         if pending is not None:
             pending.result()
         header["__metadata__"] = {"format": "pt"}
@@ -118,8 +111,8 @@ def write_shard(path: Path, shard: TensorPlan, on_tensor: Callable[[PlannedTenso
     return offset
 
 
-_STREAM_BYTES = 64 * 2**20  # tensors taken as they are and larger than this are written in row pieces
-_PIECE_BYTES = 16 * 2**20
+STREAM_BYTES = 64 * 2**20  # tensors taken as they are and larger than this are written in row pieces
+PIECE_BYTES = 16 * 2**20
 
 
 def _whole(planned: PlannedTensor) -> Iterator[torch.Tensor]:
@@ -135,7 +128,7 @@ def _whole(planned: PlannedTensor) -> Iterator[torch.Tensor]:
 def _row_pieces(planned: PlannedTensor) -> Iterator[torch.Tensor]:
     """A large tensor taken as it is (the embedding) in blocks of rows, never whole."""
     rows = planned.shape[0]
-    step = max(1, rows * _PIECE_BYTES // max(1, planned.nbytes))
+    step = max(1, rows * PIECE_BYTES // max(1, planned.nbytes))
     for start in range(0, rows, step):
         piece = planned.produce_rows(start, min(rows, start + step))
         if piece.dtype != planned.dtype or tuple(piece.shape[1:]) != tuple(planned.shape[1:]):

@@ -10,6 +10,7 @@ with ``torch.load(weights_only=True, mmap=True)``: no arbitrary code can run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import fail
-from .run import SEE_LOADING
+from ..errors import SEE_LOADING, fail
+from .files import read_json
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -73,10 +74,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise bad(f"tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
         shape = tuple(int(d) for d in entry["shape"])
         begin, end = (int(x) for x in entry["data_offsets"])
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end > data_size or end - begin != numel * torch.empty((), dtype=dtype).element_size():
+        if end > data_size or end - begin != math.prod(shape) * dtype.itemsize:
             raise bad(f"tensor {name!r} lies outside the file or has the wrong length (truncated?)")
         out[name] = TensorInfo(name, shape, dtype, path, 8 + n + begin, end - begin)
     return out
@@ -127,8 +125,6 @@ class TensorSource:
         )
 
     def _index_files(self, index: Path) -> list[Path]:
-        from .run import read_json
-
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise fail(f"read {index.name}: it has no weight_map", f"re-save the checkpoint in {self.dir}.", SEE_LOADING)

@@ -11,14 +11,14 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
 
-from .errors import fail
-from .modules import STRUCTURE_KEY, apply_structure
-from .plan import TensorPlan
-from .run import Injection
-from .transforms import Reader, moe_layers_of, plan_compact, plan_dense, plan_native_moe
+from ..errors import fail
+from ..modules import STRUCTURE_KEY
+from ..plan import TensorPlan
+from .injection import Injection
+from .lora import plan_dense
+from .moe import moe_layers_of, plan_compact, plan_native_moe
+from .reader import Reader
 
 SEE_LAYOUTS = "docs: README.md#layouts"
 STRUCTURED = ("moe_expert_lora", "mixture_lora")
@@ -48,7 +48,7 @@ class Target:
 
 
 def choose_layout(inj: Injection, backbone: str, moe_layout: str | None, *, for_loading: bool = False) -> str:
-    """Default layouts per artifact-format.md §2; the loader keeps structure (seed 000 §4)."""
+    """Default layouts (docs/artifact-format.md §2); load_model keeps the run's structure."""
     if inj.strategy in ("none", "dense_lora"):
         if moe_layout not in (None, "native"):
             raise fail(
@@ -162,40 +162,3 @@ def build_target(reader: Reader, hf_config: dict[str, Any], inj: Injection, back
     }
     hf_config[STRUCTURE_KEY] = structure
     return Target("compact", arch, hf_config, structure, plan_compact(reader, inj))
-
-
-def config_object(hf_config: dict[str, Any]):
-    """A transformers config from a config.json dict (no Hub access)."""
-    from transformers import AutoConfig
-
-    kwargs = {k: v for k, v in hf_config.items() if k != "model_type"}
-    return AutoConfig.for_model(hf_config["model_type"], **kwargs)
-
-
-def meta_model(hf_config: dict[str, Any], structure: dict[str, Any] | None) -> nn.Module:
-    """The target model with every parameter on the meta device: structure without memory."""
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    config = config_object(hf_config)
-    with torch.device("meta"), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config)
-        if structure is not None:
-            apply_structure(model, structure)
-    return model
-
-
-SKIP_QUANT = ("lm_head", "router", "lora_A", "lora_B")
-
-
-def quantizable_names(model: nn.Module) -> set[str]:
-    """Weights bitsandbytes replaces: every nn.Linear but lm_head, routers and LoRA factors.
-
-    This is transformers' own rule (replace_with_bnb_linear acts on nn.Linear), so fused
-    MoE experts, which are plain parameters there, stay unquantized exactly as it does.
-    """
-    return {
-        f"{name}.weight"
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in SKIP_QUANT
-    }

@@ -1,408 +1,28 @@
-"""PEFT adapter folders (run-format.md §4): resolution, option checks and the merged reader.
+"""A PEFT adapter merged exactly as PEFT's ``merge_and_unload()`` computes it, planned from headers.
 
-A PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) is a
-``dense_lora`` checkpoint whose frozen weights live in a separate base model. This
-module
-
-* finds that base (``--base-model``, the run's ``model.name_or_path``, then the adapter's
-  ``base_model_name_or_path``), as a local folder or a Hub id already in the local
-  Hugging Face cache: nothing is downloaded unless the caller asks for it;
-* refuses every PEFT type and option whose merge it cannot reproduce exactly (three-line
-  errors naming it), instead of ignoring it;
-* plans, from names, shapes and the base's module classes only (no tensor data), the
-  merged weight of every base tensor, exactly as PEFT's ``merge_and_unload()`` computes
-  it: per-module scale (``rank_pattern`` / ``alpha_pattern`` / rsLoRA), ``fan_in_fan_out``
-  (Conv1D layouts), embedding LoRA, ``lora_bias``, DoRA magnitudes, ``modules_to_save``
-  and trained biases replacing whole tensors, tied embeddings;
-* exposes the result as a :class:`~converter.transforms.Reader` over the final Hugging Face
-  names, so the pipeline streams it like any other source. Plain LoRA goes through
-  :func:`converter.transforms.merge_lora_f32`, the same code as EulerForge's ``dense_lora``;
-  every merged tensor is computed in float32 and rounded once (``Reader.get_exact`` gives
-  the float32 result, for a later cast or quantization).
-
-Nothing here imports ``peft``: the key layout and matching rules below mirror PEFT's own
-(``peft.tuners.tuners_utils.check_target_module_exists``, ``peft.utils.other.get_pattern_key``,
-``peft.tuners.lora.variants.DoraLinearVariant``) and the tests prove them against PEFT.
+Per-module scale (``rank_pattern`` / ``alpha_pattern`` / rsLoRA), ``fan_in_fan_out`` (Conv1D
+layouts), embedding LoRA, ``lora_bias``, DoRA magnitudes, ``modules_to_save`` and trained
+biases replacing whole tensors, tied embeddings: each final tensor is a recipe (a start
+tensor and ops) computed in float32 and rounded once. The result is a
+:class:`~converter.strategy.reader.Reader` over the final Hugging Face names, so the
+pipeline streams it like any other source.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
-from .errors import fail
-from .run import Injection, ResolvedRun, _backbone, _step_of, read_json
-from .source import TensorInfo, TensorSource
-from .transforms import Reader, merge_lora_f32
-
-SEE_ADAPTERS = "docs: README.md#peft-adapters"
-PEFT_PREFIX = "base_model.model."
-# How a user asks efexport to fetch a base model that is not available locally.
-DOWNLOAD_OPTION = "--download-base (download_base=True in the API)"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-BASE_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-
-_LORA_PART = re.compile(
-    r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B"
-    r"|lora_magnitude_vector(?:\.weight)?)$"
-)
-_PEFT_MARKERS = re.compile(
-    r"(^|\.)(lora_\w+|token_adapter|modules_to_save|original_module|hada_\w+|lokr_\w+|ia3_l)(\.|$)"
-)
-
-# adapter_config.json keys that never change the merged weights (or that are checked on their own below).
-_NEUTRAL_KEYS = {
-    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "lora_dropout", "megatron_config", "megatron_core", "runtime_config", "qalora_group_size",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-    # handled by the merge planner:
-    "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
-    "layers_to_transform", "layers_pattern", "fan_in_fan_out", "bias", "lora_bias", "modules_to_save", "use_dora",
-    "init_lora_weights", "ensure_weight_tying",
-}
-# init_lora_weights values that only initialise A and B (the base weights stay the base model's).
-# (True/False are accepted too.)
-_PLAIN_INITS = {"gaussian", "eva", "orthogonal"}
-_OPTION_WHY = {
-    "layer_replication": "it duplicates decoder layers, so the merged model is not the base architecture",
-    "target_parameters": "LoRA on raw nn.Parameters (e.g. fused MoE experts) is not a Linear efexport can merge",
-    "trainable_token_indices": "trainable-token deltas are not merged by efexport yet",
-    "use_qalora": "QA-LoRA pools the input and merges into quantized weights",
-    "alora_invocation_tokens": "activated LoRA only applies after its invocation tokens, so it cannot be merged",
-    "arrow_config": "Arrow routes between adapters per token, so it cannot be merged",
-    "use_bdlora": "block-diagonal LoRA is a variant efexport does not merge",
-    "velora_config": "VeLoRA is a variant efexport does not merge",
-    "monteclora_config": "MonteCLoRA is a variant efexport does not merge",
-    "kasa_config": "KaSA is a variant efexport does not merge",
-}
-
-
-# --------------------------------------------------------------------------- configuration checks
-
-
-def read_adapter_config(ckpt_dir: Path) -> dict[str, Any]:
-    return read_json(Path(ckpt_dir) / "adapter_config.json")
-
-
-def check_adapter_config(cfg: dict[str, Any], where: str = "adapter_config.json") -> None:
-    """Refuse every PEFT type and option whose merge efexport cannot reproduce exactly."""
-    peft_type = str(cfg.get("peft_type") or "").upper()
-    if peft_type != "LORA":
-        name = peft_type or "(missing peft_type)"
-        raise fail(
-            f"merge PEFT adapter type {name}: efexport merges LoRA adapters (with DoRA, rsLoRA and their options) only",
-            f"export a LoRA adapter (peft_type LORA), or merge this {name} adapter with PEFT's merge_and_unload() "
-            "and export the resulting model folder.",
-            SEE_ADAPTERS,
-        )
-    for key, why in _OPTION_WHY.items():
-        if _truthy(cfg.get(key)):
-            raise fail(
-                f"merge the LoRA adapter: option {key}={_short(cfg.get(key))} in {where} is not supported ({why})",
-                "merge it with PEFT's merge_and_unload() and export the merged model folder, "
-                f"or retrain without {key}.",
-                SEE_ADAPTERS,
-            )
-    init = cfg.get("init_lora_weights", True)
-    if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() in _PLAIN_INITS)):
-        raise fail(
-            f"merge the LoRA adapter: init_lora_weights={_short(init)} in {where} means it was trained against a "
-            "modified (residual) base, so merging it into the original base would be wrong",
-            "re-save it with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...) to get a plain "
-            "LoRA adapter, then export that.",
-            SEE_ADAPTERS,
-        )
-    bias = cfg.get("bias", "none")
-    if bias not in (None, "none", "all", "lora_only"):
-        raise fail(f"merge the LoRA adapter: bias={_short(bias)} in {where} is not a PEFT bias mode",
-                   'fix "bias" (none, all or lora_only).', SEE_ADAPTERS)
-    for key, value in cfg.items():
-        if key not in _NEUTRAL_KEYS and key not in _OPTION_WHY and _truthy(value):
-            raise fail(
-                f"merge the LoRA adapter: option {key}={_short(value)} in {where} is unknown to efexport, "
-                "and it may change the merged weights",
-                f"remove {key} from {where} if it does not change the weights, "
-                "or merge with PEFT's merge_and_unload().",
-                SEE_ADAPTERS,
-            )
-    r = cfg.get("r")
-    if not isinstance(r, int) or r <= 0 or not isinstance(cfg.get("lora_alpha", 8), (int, float)):
-        raise fail(f"merge the LoRA adapter: r={_short(r)} / lora_alpha={_short(cfg.get('lora_alpha'))} in {where} "
-                   "are not a positive rank and a number", f"repair {where}.", SEE_ADAPTERS)
-
-
-def _truthy(value: Any) -> bool:
-    return value not in (None, False, 0, "", [], {}, ())
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-# --------------------------------------------------------------------------- finding the base model
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?", name)) and ".." not in name
-
-
-def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
-    """The local snapshot folder of a Hub model already in the HF cache (no network access)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        return None
-    try:
-        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    except Exception:  # invalid repo id, unreadable cache: simply not available
-        hit = None
-    return Path(hit).parent if isinstance(hit, str) and Path(hit).is_file() else None
-
-
-def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=BASE_FILES))
-    except Exception as exc:
-        raise fail(
-            f"download base model {repo_id!r}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}",
-            "check the id and your network / HF token, or pass --base-model with a local folder.",
-            SEE_ADAPTERS,
-        ) from None
-
-
-def _has_weights(folder: Path) -> bool:
-    return any((folder / f).is_file() for f in (
-        "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"))
-
-
-def find_base(candidates: list[tuple[str, str, str | None]], *, download_base: bool = False) -> tuple[str, Path]:
-    """First available base among (origin, name_or_path, revision); ``--base-model`` must be available itself."""
-    tried: list[str] = []
-    for origin, name, revision in candidates:
-        local = Path(name).expanduser()
-        if local.is_dir():
-            if not (local / "config.json").is_file() or not _has_weights(local):
-                raise fail(
-                    f"use base model folder {name} ({origin}): it has no config.json and model weights",
-                    "pass --base-model with a Hugging Face model folder (config.json + model.safetensors).",
-                    SEE_ADAPTERS,
-                )
-            return name, local.resolve()
-        snapshot = _cached_snapshot(name, revision) if _looks_like_hub_id(name) else None
-        if snapshot is not None and _has_weights(snapshot):
-            return name, snapshot
-        if download_base and _looks_like_hub_id(name):
-            return name, _download(name, revision)
-        tried.append(f"{name!r} ({origin})")
-        if origin == "--base-model":
-            break
-    if not tried:
-        raise fail(
-            "find the adapter's base model: adapter_config.json has no base_model_name_or_path and none was given",
-            f"pass --base-model PATH_OR_ID (a local model folder, or a Hub id in the local cache; {DOWNLOAD_OPTION} "
-            "fetches it).",
-            SEE_ADAPTERS,
-        )
-    raise fail(
-        f"find the adapter's base model: {', '.join(tried)} {'is' if len(tried) == 1 else 'are'} neither a local "
-        "model folder nor a model in the local Hugging Face cache (efexport downloads nothing unless asked)",
-        f"pass --base-model PATH_OR_ID with a local copy, or add {DOWNLOAD_OPTION} to fetch it from the Hub.",
-        SEE_ADAPTERS,
-    )
-
-
-# --------------------------------------------------------------------------- resolution
-
-
-def resolve_adapter(ckpt_dir: Path, path_type: str, run_dir: Path | None, checkpoint: str | None,
-                    resolved_cfg: dict[str, Any], base_model: str | None, *,
-                    download_base: bool = False) -> ResolvedRun:
-    """Describe a PEFT adapter checkpoint: its options (checked), its base model, the merged config."""
-    ckpt_dir = Path(ckpt_dir)
-    cfg = read_adapter_config(ckpt_dir)
-    check_adapter_config(cfg)
-    if not any((ckpt_dir / f).is_file() for f in ADAPTER_WEIGHTS):
-        raise fail(
-            f"read the PEFT adapter in {ckpt_dir.name}: adapter_config.json is there "
-            "but adapter_model.safetensors is not",
-            "copy the adapter's weights (adapter_model.safetensors) next to its adapter_config.json.",
-            SEE_ADAPTERS,
-        )
-    candidates: list[tuple[str, str, str | None]] = []
-    if base_model:
-        candidates.append(("--base-model", str(base_model), None))
-    else:
-        run_base = (resolved_cfg.get("model") or {}).get("name_or_path")
-        if run_base:
-            candidates.append(("resolved_config.json model.name_or_path", str(run_base), None))
-        if cfg.get("base_model_name_or_path"):  # PEFT loads it at the adapter_config's "revision"
-            candidates.append(("adapter_config.json base_model_name_or_path", str(cfg["base_model_name_or_path"]),
-                               cfg.get("revision") or None))
-    named, base_dir = find_base(candidates, download_base=download_base)
-
-    base_config = read_json(base_dir / "config.json")
-    base_config.pop("eulerforge", None)
-    if base_config.get("quantization_config"):
-        method = (base_config["quantization_config"] or {}).get("quant_method", "quantized")
-        raise fail(
-            f"merge the adapter into base model {named}: its weights are {method}-quantized (QLoRA-style base), "
-            "and a merge into quantized weights is not exact",
-            "pass --base-model with the original, unquantized model the quantized base was made from.",
-            SEE_ADAPTERS,
-        )
-    # Plan the merge now (headers only) so every adapter error surfaces at resolution time.
-    base_src, adapter_src = TensorSource(base_dir), TensorSource(ckpt_dir, weights_prefix="adapter_model")
-    try:
-        merge = plan_adapter_merge(cfg, base_config, base_src, adapter_src)
-    finally:
-        base_src.close()
-        adapter_src.close()
-    hf_config = {**base_config, **merge.config_updates}
-    inj = merge.injection
-    return ResolvedRun(
-        path_type=path_type,
-        checkpoint_dir=ckpt_dir,
-        run_dir=run_dir,
-        checkpoint=checkpoint,
-        hf_config=hf_config,
-        block={**inj.as_dict(), "use_dora": bool(cfg.get("use_dora"))},
-        backbone=_backbone(resolved_cfg.get("backbone") or "", str(base_config.get("model_type", ""))),
-        base_model=named,
-        run_name=resolved_cfg.get("run_name") or (run_dir.name if run_dir else None),
-        step=_step_of(ckpt_dir),
-        source_kind="peft_adapter",
-        extras={"base_dir": base_dir, "adapter_config": cfg, "base_config": base_config, "adapter": merge.summary()},
-    )
-
-
-# --------------------------------------------------------------------------- the base model's modules
-
-
-@dataclass(frozen=True)
-class ModelLayout:
-    """What PEFT sees of the base model: module classes in order, and tied parameters."""
-
-    kinds: dict[str, str]  # module name -> linear | conv1d | embedding | other (named_modules order)
-    alias: dict[str, str]  # parameter name -> canonical name (the first of a tied group)
-    output_embedding: str | None
-    input_embedding: str | None
-
-
-@functools.lru_cache(maxsize=8)
-def _layout_cached(config_json: str) -> ModelLayout:
-    from torch import nn
-
-    from .layouts import meta_model
-
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        Conv1D = ()  # noqa: N806
-    model = meta_model(json.loads(config_json), None)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()  # as from_pretrained does; meta_model skips it
-    kinds: dict[str, str] = {}
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        if isinstance(module, nn.Embedding):
-            kinds[name] = "embedding"
-        elif Conv1D and isinstance(module, Conv1D):
-            kinds[name] = "conv1d"
-        elif isinstance(module, nn.Linear):
-            kinds[name] = "linear"
-        else:
-            kinds[name] = "other"
-    first: dict[int, str] = {}
-    alias: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        alias[name] = first.setdefault(id(p), name)
-    names = {id(m): n for n, m in model.named_modules()}
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return ModelLayout(kinds, alias, names.get(id(out_emb)), names.get(id(in_emb)))
-
-
-def model_layout(hf_config: dict[str, Any]) -> ModelLayout:
-    try:
-        return _layout_cached(json.dumps(hf_config, sort_keys=True, default=str))
-    except Exception as exc:
-        if getattr(exc, "cannot", None):
-            raise
-        raise fail(
-            f"build the base model's structure from its config.json: {type(exc).__name__}: {str(exc)[:160]}",
-            "pass --base-model with a Hugging Face causal-LM folder whose model_type this transformers knows.",
-            SEE_ADAPTERS,
-        ) from None
-
-
-# --------------------------------------------------------------------------- PEFT's matching rules
-
-
-def match_target(cfg: dict[str, Any], key: str, layout: ModelLayout) -> bool:
-    """``peft.tuners.tuners_utils.check_target_module_exists`` on a module name."""
-    exclude = cfg.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, key):
-                return False
-        elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
-            return False
-    for m in cfg.get("modules_to_save") or []:
-        if re.match(rf"(^|.*\.){m}($|\..*)", key):
-            return False
-    targets = cfg.get("target_modules")
-    if isinstance(targets, str):
-        if targets.lower() == "all-linear":
-            return layout.kinds.get(key) in ("linear", "conv1d") and key != layout.output_embedding
-        return re.fullmatch(targets, key) is not None
-    targets = list(targets or [])
-    if key in targets:
-        return True
-    found = any(key.endswith(f".{t}") for t in targets)
-    indexes = cfg.get("layers_to_transform")
-    using_indexes = indexes is not None and (len(indexes) != 0 if isinstance(indexes, list) else True)
-    if not (using_indexes and found):
-        return found
-    pattern = cfg.get("layers_pattern")
-    match = None
-    if pattern is None or len(pattern) == 0:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        for p in [pattern] if isinstance(pattern, str) else pattern:
-            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
-            if match is not None:
-                break
-    if match is None:
-        return False
-    idx = int(match.group("idx"))
-    return idx == indexes if isinstance(indexes, int) else idx in indexes
-
-
-def pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
-    """``peft.utils.other.get_pattern_key``: the first pattern whose regex ends the module name."""
-    for p in patterns or {}:
-        if re.match(rf"(.*\.)?({p})$", key):
-            return patterns[p]
-    return default
-
-
-def module_scale(cfg: dict[str, Any], module: str) -> tuple[int, float, float]:
-    """(r, alpha, scale) of one module: rank_pattern / alpha_pattern, then rsLoRA or alpha / r."""
-    r = int(pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"]))
-    alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8)))
-    scale = alpha / (r**0.5 if cfg.get("use_rslora") else r)
-    return r, alpha, scale
-
+from ..errors import fail
+from ..source.peft_adapter import SEE_ADAPTERS, AdapterSource
+from ..source.run_dir import ResolvedRun
+from ..source.safetensors import TensorSource
+from .injection import Injection
+from .lora import merge_lora_f32
+from .peft_rules import LORA_PART, PEFT_MARKERS, PEFT_PREFIX, check_adapter_config, match_target, model_layout, module_scale
+from .reader import Reader
 
 # --------------------------------------------------------------------------- the merge, as pure functions
 
@@ -475,23 +95,6 @@ class AdapterMerge:
     modules: dict[str, str]  # LoRA module -> kind (lora | dora)
     replaced: list[str]  # final names replaced wholesale by the adapter (modules_to_save, trained biases)
 
-    def summary(self) -> dict[str, Any]:
-        cfg = self.cfg
-        return {
-            "peft_type": "LORA",
-            "r": cfg.get("r"),
-            "lora_alpha": cfg.get("lora_alpha"),
-            "use_rslora": bool(cfg.get("use_rslora")),
-            "use_dora": bool(cfg.get("use_dora")),
-            "lora_modules": len(self.modules),
-            "target_modules": list(self.injection.target_modules),
-            "rank_pattern": dict(cfg.get("rank_pattern") or {}),
-            "alpha_pattern": dict(cfg.get("alpha_pattern") or {}),
-            "modules_to_save": list(cfg.get("modules_to_save") or []),
-            "replaced_tensors": len(self.replaced),
-            "untied_embeddings": self.config_updates.get("tie_word_embeddings") is False,
-        }
-
 
 def _strip(name: str) -> str:
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
@@ -508,7 +111,7 @@ def plan_adapter_merge(cfg: dict[str, Any], base_config: dict[str, Any], base: T
     layout = model_layout(base_config)
     base_names = list(base.names)
     base_set = set(base_names)
-    leftovers = [n for n in base_names if _PEFT_MARKERS.search(n) or ".base_layer." in n]
+    leftovers = [n for n in base_names if PEFT_MARKERS.search(n) or ".base_layer." in n]
     if leftovers:
         raise _bad(f"the base model still holds adapter tensors (e.g. {leftovers[0]})",
                    "pass --base-model with a plain Hugging Face model folder (merge or export the base first).")
@@ -534,13 +137,13 @@ def plan_adapter_merge(cfg: dict[str, Any], base_config: dict[str, Any], base: T
     plain: dict[str, list[str]] = {}  # base name -> adapter tensor names
     for full in adapter.names:
         name = _strip(full)
-        m = _LORA_PART.match(name)
+        m = LORA_PART.match(name)
         if m:
             part = m.group("part")
             if part.startswith("lora_magnitude_vector"):
                 part = "lora_magnitude_vector"
             modules.setdefault(m.group("module"), {})[part] = full
-        elif _PEFT_MARKERS.search(name):
+        elif PEFT_MARKERS.search(name):
             raise _bad(f"tensor {full!r} is not a LoRA, DoRA or whole-module tensor efexport knows how to merge",
                        "merge this adapter with PEFT's merge_and_unload() and export the merged model folder.")
         else:
@@ -667,47 +270,6 @@ def plan_adapter_merge(cfg: dict[str, Any], base_config: dict[str, Any], base: T
     return AdapterMerge(cfg, outputs, injection, config_updates, lora_modules, replaced)
 
 
-# --------------------------------------------------------------------------- the source seen by the pipeline
-
-
-class AdapterSource:
-    """Base model + adapter as one source: infos/names/files/nbytes/close, as the pipeline uses them."""
-
-    def __init__(self, base: TensorSource, adapter: TensorSource) -> None:
-        self.base, self.adapter = base, adapter
-        self.infos: dict[str, TensorInfo] = {**base.infos, **adapter.infos}
-        self.files = [*base.files, *adapter.files]
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.infos)
-
-    def _of(self, name: str) -> TensorSource:
-        return self.adapter if name in self.adapter.infos else self.base
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.infos[name].shape
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.infos[name].dtype
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._of(name).get(name)
-
-    def nbytes(self) -> int:
-        return self.base.nbytes() + self.adapter.nbytes()
-
-    def close(self) -> None:
-        self.base.close()
-        self.adapter.close()
-
-    def __enter__(self) -> "AdapterSource":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def merged_reader(merge: AdapterMerge, base: TensorSource, adapter: TensorSource) -> Reader:
     """A Reader over the final names whose ``get`` returns the merged tensor.
 
@@ -732,15 +294,20 @@ def merged_reader(merge: AdapterMerge, base: TensorSource, adapter: TensorSource
         t = get_exact(name) if out.ops else start(out)
         return t if t.dtype == out.dtype else t.to(out.dtype)  # replacements load in the base's dtype, as in PEFT
 
-    reader = Reader(list(outputs), lambda n: tuple(outputs[n].shape), lambda n: outputs[n].dtype, get)
-    reader.exact_names = frozenset(n for n, out in outputs.items() if out.ops)  # type: ignore[attr-defined]
-    reader.get_exact = get_exact  # type: ignore[attr-defined]
-    return reader
+    exact = frozenset(n for n, out in outputs.items() if out.ops)
+    return Reader(list(outputs), lambda n: tuple(outputs[n].shape), lambda n: outputs[n].dtype, get,
+                  exact_names=exact, get_exact=get_exact)
 
 
-def open_adapter_source(run: ResolvedRun) -> tuple[AdapterSource, Injection, Reader]:
-    """(source, injection, reader) for the pipeline; reads headers only."""
-    base = TensorSource(run.extras["base_dir"])
+def open_adapter_source(run: ResolvedRun) -> tuple[ResolvedRun, AdapterSource, Injection, Reader]:
+    """The run with the merged config, the combined source, the injection and the merged reader.
+
+    The option policy runs first, then the merge is planned once from headers (no tensor data).
+    """
+    info = run.adapter
+    assert info is not None, "open_adapter_source takes a PEFT adapter run"
+    check_adapter_config(info.adapter_config)
+    base = TensorSource(info.base_dir)
     try:
         adapter = TensorSource(run.checkpoint_dir, weights_prefix="adapter_model")
     except Exception:
@@ -748,8 +315,11 @@ def open_adapter_source(run: ResolvedRun) -> tuple[AdapterSource, Injection, Rea
         raise
     source = AdapterSource(base, adapter)
     try:
-        merge = plan_adapter_merge(run.extras["adapter_config"], run.extras["base_config"], base, adapter)
+        merge = plan_adapter_merge(info.adapter_config, info.base_config, base, adapter)
     except Exception:
         source.close()
         raise
-    return source, merge.injection, merged_reader(merge, base, adapter)
+    inj = merge.injection
+    run = replace(run, hf_config={**info.base_config, **merge.config_updates},
+                  block={**inj.as_dict(), "use_dora": bool(info.adapter_config.get("use_dora"))})
+    return run, source, inj, merged_reader(merge, base, adapter)

@@ -1,0 +1,61 @@
+"""``--format peft``: a dense_lora run as a PEFT adapter; parity with PeftModel on the run's base weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import fail
+from ..pipeline import Pipeline
+from ..plan import TensorPlan
+from ..sinks.model import build_model
+from ..sinks.peft import adapter_plan, base_plan, write_adapter
+from ..sinks.side_files import copy_side_files, public_base_model
+from .options import SEE, ExportOptions
+from .parity import measure_parity, require_tolerance
+from .prepared import Prepared
+from .record import finish
+
+
+class PeftFormat:
+    name = "peft"
+    disk_factor = 1
+
+    def check_options(self, opts: ExportOptions) -> ExportOptions:
+        if opts.precision is not None:
+            raise fail(f"write a PEFT adapter at precision {opts.precision}: adapters keep the run's LoRA factors as trained",
+                       "drop --precision for --format peft (quantize the base model at serving time instead).", SEE)
+        return opts
+
+    def plan(self, opts: ExportOptions, pipe: Pipeline) -> TensorPlan:
+        return adapter_plan(pipe)
+
+    def layout(self, pipe: Pipeline) -> str:
+        return "peft_adapter"
+
+    def quantization(self, precision: str | None) -> dict[str, Any] | None:
+        return None
+
+    def write(self, prepared: Prepared, tmp: Path) -> dict[str, Any]:
+        pipe = prepared.pipe
+        write_adapter(prepared.plan, pipe.injection, public_base_model(pipe.run.base_model), tmp)
+        copy_side_files(pipe.tokenizer_dir(), pipe.config_dirs(), tmp)
+        parity = _parity(prepared, tmp) if prepared.opts.verify else {"skipped": "--no-verify"}
+        require_tolerance(parity, "fp32", True, "adapter: with its base weights its logits")
+        return finish(prepared, tmp, {"layout": "peft_adapter", "parity": parity})
+
+
+def _parity(prepared: Prepared, tmp: Path) -> dict[str, Any]:
+    pipe = prepared.pipe
+
+    def adapter_logits(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        from peft import PeftModel
+
+        base = build_model(pipe.target.hf_config, None, base_plan(pipe), None, set())
+        model = PeftModel.from_pretrained(base, str(tmp), torch_device="cpu").eval()
+        with torch.no_grad():
+            return [model(input_ids=b).logits.float() for b in batches]
+
+    return measure_parity(prepared, adapter_logits, engine="peft (PeftModel on the run's base weights)")
