@@ -531,7 +531,7 @@ def test_without_llama_cpp(models_root, monkeypatch, tmp_path):
                           "original_max_position_embeddings": 64}}, "beta_fast"),
     ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e6}}, "longrope"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}}, "dynamic"),
-    ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}, "Phi3ForCausalLM"),
+    ({"architectures": ["PhiMoEForCausalLM"], "model_type": "phimoe"}, "PhiMoEForCausalLM"),
     ({"hidden_act": "gelu"}, "gelu"),
 ])
 def test_refuses_what_llama_cpp_cannot_express(change, needle, models_root, tmp_path):
@@ -603,8 +603,9 @@ def _pb(fno: int, wt: int, payload) -> bytes:
 
 
 def write_sentencepiece_model(path: Path, pieces: list[tuple[str, float, int]], add_dummy_prefix: bool = True) -> None:
-    """A minimal sentencepiece ModelProto (pieces + normalizer_spec.add_dummy_prefix)."""
+    """A minimal sentencepiece ModelProto (pieces, trainer_spec BPE + byte_fallback, normalizer_spec.add_dummy_prefix)."""
     body = b"".join(_pb(1, 2, _pb(1, 2, p.encode()) + _pb(2, 5, s) + _pb(3, 0, t)) for p, s, t in pieces)
+    body += _pb(2, 2, _pb(3, 0, 2) + _pb(35, 0, 1))  # model_type=BPE, byte_fallback=true
     body += _pb(3, 2, _pb(1, 2, b"identity") + _pb(3, 0, int(add_dummy_prefix)))
     path.write_bytes(body)
 

@@ -1,8 +1,9 @@
 """GGUF sink: stream a tensor plan into one llama.cpp-ready ``.gguf`` file.
 
 The sink receives a plan in the naming of a standard Hugging Face architecture
-(``Qwen3ForCausalLM``, ``LlamaForCausalLM``, ``Gemma3ForCausalLM``,
-``Qwen3MoeForCausalLM``, ``MixtralForCausalLM``) plus that architecture's config and
+(``Qwen3ForCausalLM``, ``Qwen2ForCausalLM``, ``LlamaForCausalLM``, ``MistralForCausalLM``,
+``Gemma3ForCausalLM``, ``Gemma2ForCausalLM``, ``Phi3ForCausalLM``, ``Qwen3MoeForCausalLM``,
+``MixtralForCausalLM``) plus that architecture's config and
 writes it the way llama.cpp's own converter (``convert_hf_to_gguf.py``) would. One
 module per job:
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 from .checks import check_gguf_request
 from .families import FAMILIES, Family
-from .llama_cpp import llama_cpp_available, llama_cpp_logits, llama_cpp_tokenize
+from .llama_cpp import llama_cpp_available, llama_cpp_logits, llama_cpp_tokenize, llama_cpp_tokenize_all
 from .ollama import write_modelfile
 from .quant import GGUF_TYPES, K_QUANTS, TYPE_LABELS, default_gguf_type, gguf_filename
 from .tokenizer import TokenizerFiles
@@ -38,5 +39,5 @@ __all__ = [
     "GGUF_TYPES", "K_QUANTS", "TYPE_LABELS", "FAMILIES", "Family", "TokenizerFiles",
     "QWEN2_PRETOKENIZER_REGEX", "LLAMA3_PRETOKENIZER_REGEX",
     "check_gguf_request", "write_gguf", "write_modelfile", "gguf_filename", "default_gguf_type",
-    "llama_cpp_available", "llama_cpp_logits", "llama_cpp_tokenize",
+    "llama_cpp_available", "llama_cpp_logits", "llama_cpp_tokenize", "llama_cpp_tokenize_all",
 ]

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from ...errors import fail
-from .config import EXTRA_HINT, FIX_HF, SEE, rope_type
+from .config import EXTRA_HINT, FIX_HF, SEE, partial_rotary_factor, rope_type, rotary_dims
 from .families import Family, family_of
 from .llama_cpp import llama_cpp_available
 from .quant import GGUF_TYPES, K_QUANTS
@@ -48,6 +48,18 @@ def check_yarn(rope: dict) -> None:
                    "different positions", fix, SEE)
 
 
+def check_longrope(cfg: dict, rope: dict) -> None:
+    """LongRoPE as llama.cpp's phi3 computes it: long and short factors for every roped frequency."""
+    n = rotary_dims(cfg) // 2
+    for k in ("long_factor", "short_factor"):
+        if len(rope.get(k) or []) != n:
+            raise fail(f"write GGUF with longrope rope scaling: {k} has {len(rope.get(k) or [])} values, the roped "
+                       f"head dimensions need {n}", "fix rope_parameters in the config, or export with --format hf", SEE)
+    if not (rope.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")):
+        raise fail("write GGUF with longrope rope scaling without original_max_position_embeddings",
+                   "set rope_parameters.original_max_position_embeddings in the config", SEE)
+
+
 def check_rope(cfg: dict, fam: Family) -> None:
     """The rope types llama.cpp computes exactly for the family; sliding layers unscaled."""
     full, local = fam.rope(cfg)
@@ -63,6 +75,8 @@ def check_rope(cfg: dict, fam: Family) -> None:
         raise fail(f"write GGUF with {rt} rope scaling without a factor", "set rope_parameters.factor in the config", SEE)
     if rt == "yarn":
         check_yarn(full)
+    if rt == "longrope":
+        check_longrope(cfg, full)
     if local is not None and rope_type(local) != "default":
         raise fail(
             f"write GGUF with rope scaling {rope_type(local)!r} on gemma3's sliding layers: llama.cpp scales only "
@@ -74,8 +88,8 @@ def check_rope(cfg: dict, fam: Family) -> None:
 def check_config(cfg: dict, fam: Family) -> None:
     """Every refusal of the config, in a fixed order: activation, partial rotary, family rules, rope."""
     fam.activation(cfg, fam.name)
-    prf = cfg.get("partial_rotary_factor")
-    if prf not in (None, 1, 1.0):
+    prf = partial_rotary_factor(cfg)
+    if prf != 1.0 and not fam.partial_rotary:
         raise fail(f"write GGUF with partial_rotary_factor={prf}: llama.cpp's {fam.name} graph ropes the whole head",
                    FIX_HF, SEE)
     for check in fam.checks:

@@ -42,9 +42,22 @@ def n_experts(cfg: dict) -> int:
 
 
 def tied(cfg: dict) -> bool:
-    """Whether lm_head is the embedding (then no ``output`` tensor is written); gemma3 ties by default."""
-    default = cfg.get("model_type") == "gemma3_text"
+    """Whether lm_head is the embedding (then no ``output`` tensor is written); gemma2/3 tie by default."""
+    default = cfg.get("model_type") in ("gemma3_text", "gemma2")
     return bool(cfg.get("tie_word_embeddings", default))
+
+
+def partial_rotary_factor(cfg: dict) -> float:
+    """The fraction of each head that is roped (top level, or inside ``rope_parameters`` since transformers 5)."""
+    prf = cfg.get("partial_rotary_factor")
+    if prf is None:
+        prf = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor")
+    return 1.0 if prf is None else float(prf)
+
+
+def rotary_dims(cfg: dict) -> int:
+    """How many dimensions of each head are roped (HF: ``int(head_dim * partial_rotary_factor)``)."""
+    return int(head_dim(cfg) * partial_rotary_factor(cfg))
 
 
 def legacy_rope(cfg: dict) -> dict:

@@ -2,9 +2,10 @@
 
 An entry says what llama.cpp's graph for that family expects and the sink must check
 or apply: which activation and rope types it computes, which configurations it
-refuses, which tensors it transforms on the way (llama's rope permutation, gemma3's
+refuses, which tensors it transforms on the way (llama's rope permutation, gemma's
 ``1 + w`` norms and folded query scale), how a layer's experts are named once stacked,
-and which hyperparameters the family adds. The functions an entry names are pure
+which tensors it adds (phi3's LongRoPE factors) and which hyperparameters it adds
+(soft-capping, sliding windows, rope attention factors). The functions an entry names are pure
 (``(cfg, family) -> None`` checks, ``(tensor, cfg) -> tensor`` transforms, ``(writer,
 cfg)`` metadata), so adding a family is one table entry plus a few such functions;
 :mod:`.checks`, :mod:`.tensors` and :mod:`.metadata` only read the table.
@@ -32,6 +33,8 @@ Transform = Callable[[torch.Tensor, dict], torch.Tensor]
 HParams = Callable[[Any, dict], None]
 #: ``hf_config -> (full-attention rope parameters, sliding-attention ones or None)``
 Rope = Callable[[dict], tuple[dict, dict | None]]
+#: ``hf_config -> [(gguf name, float32 tensor)]``: tensors the family adds (phi3's LongRoPE factors)
+Extra = Callable[[dict], list[tuple[str, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class Family:
     rope_theta: float = 10000.0                 # when the config has no rope_theta
     hparams: HParams | None = None              # written after the rope keys
     add_space_prefix: bool | None = None        # SentencePiece only; None: tokenizer_config's add_prefix_space
+    partial_rotary: bool = False                # the graph ropes only the first rotary_dims of a head
+    extra_tensors: Extra | None = None          # written before the plan's tensors
 
 
 # --------------------------------------------------------------------------- checks
@@ -93,6 +98,24 @@ def no_mixtral_sliding_window(cfg: dict, family: str) -> None:
     if cfg.get("sliding_window"):
         raise fail("write GGUF for Mixtral with sliding_window set: llama.cpp's llama graph has no sliding window",
                    FIX_HF, SEE)
+
+
+def window_covers_context(cfg: dict, family: str) -> None:
+    """A sliding window shorter than the context changes attention; llama.cpp's llama and phi3 graphs have none."""
+    sw, ctx = cfg.get("sliding_window"), cfg.get("max_position_embeddings")
+    if sw and (not ctx or int(sw) < int(ctx)):
+        raise fail(
+            f"write GGUF for {family} with sliding_window={sw} (max_position_embeddings={ctx}): llama.cpp's {family} "
+            "graph attends to the full context, which differs beyond the window",
+            f"set sliding_window to null in config.json if full attention is meant, or {FIX_HF}", SEE,
+        )
+
+
+def gemma2_softcaps(cfg: dict, family: str) -> None:
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if not cfg.get(key):
+            raise fail(f"write GGUF for gemma2 without {key}: llama.cpp's gemma2 graph always soft-caps (with its "
+                       "default when the file has no value)", f"set {key} in config.json, or {FIX_HF}", SEE)
 
 
 def expert_counts(cfg: dict, family: str) -> None:
@@ -162,6 +185,46 @@ def gemma3_swa_layers(cfg: dict) -> list[bool]:
     return [bool((i + 1) % pat) for i in range(n_layers(cfg))]
 
 
+def gemma2_swa_layers(cfg: dict) -> list[bool]:
+    """Gemma2's sliding layers (``layer_types``, else every even layer); none without a window."""
+    lt = cfg.get("layer_types")
+    swa = [t == "sliding_attention" for t in lt] if lt else [not i % 2 for i in range(n_layers(cfg))]
+    return [s and bool(cfg.get("sliding_window")) for s in swa]
+
+
+def gemma2_q_fold(cfg: dict) -> float:
+    """Factor folded into q_proj so llama.cpp's fixed query scale equals HF's query_pre_attn_scalar**-0.5.
+
+    llama.cpp's gemma2 scales by (hidden/heads)**-0.5 for its 27B (46 layers), else head_dim**-0.5
+    (llama_model_gemma2::load_arch_hparams); Gemma2 has no q_norm, and the rope is linear, so the
+    factor goes into the q projection rows.
+    """
+    qpas = float(cfg.get("query_pre_attn_scalar") or 256)  # Gemma2Config's default
+    fixed = int(cfg["hidden_size"]) // n_heads(cfg) if n_layers(cfg) == 46 else head_dim(cfg)
+    return (qpas ** -0.5) / (float(fixed) ** -0.5)
+
+
+# --------------------------------------------------------------------------- phi3 readings
+
+
+def longrope(cfg: dict, rope: dict) -> tuple[int, float]:
+    """LongRoPE's (original context, attention factor) as transformers computes them (_compute_longrope_parameters)."""
+    orig = int(rope.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings") or 0)
+    factor = rope.get("factor") or (int(cfg["max_position_embeddings"]) / orig)
+    af = rope.get("attention_factor")
+    if af is None:
+        af = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    return orig, float(af)
+
+
+def phi3_rope_factors(cfg: dict) -> list[tuple[str, torch.Tensor]]:
+    """LongRoPE's per-frequency divisors; llama.cpp uses the long ones when n_ctx exceeds the original context."""
+    full, _ = plain_rope(cfg)
+    if str(full.get("rope_type") or full.get("type") or "").lower() != "longrope":
+        return []
+    return [(f"rope_factors_{k}.weight", torch.tensor(full[f"{k}_factor"], dtype=torch.float32)) for k in ("long", "short")]
+
+
 # --------------------------------------------------------------------------- tensor transforms
 
 
@@ -187,6 +250,11 @@ def shift_norm(t: torch.Tensor, cfg: dict) -> torch.Tensor:
 
 def fold_q_scale(t: torch.Tensor, cfg: dict) -> torch.Tensor:
     q_fold = gemma3_q_fold(cfg)
+    return t * q_fold if q_fold != 1.0 else t
+
+
+def fold_q_proj_scale(t: torch.Tensor, cfg: dict) -> torch.Tensor:
+    q_fold = gemma2_q_fold(cfg)
     return t * q_fold if q_fold != 1.0 else t
 
 
@@ -220,6 +288,23 @@ def gemma3_hparams(w: Any, cfg: dict) -> None:
         w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
 
 
+def gemma2_hparams(w: Any, cfg: dict) -> None:
+    w.add_attn_logit_softcapping(float(cfg["attn_logit_softcapping"]))
+    w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
+    if cfg.get("sliding_window"):
+        w.add_sliding_window(int(cfg["sliding_window"]))
+    w.add_sliding_window_pattern(gemma2_swa_layers(cfg))
+
+
+def phi3_hparams(w: Any, cfg: dict) -> None:
+    full, _ = plain_rope(cfg)
+    if str(full.get("rope_type") or full.get("type") or "").lower() == "longrope":
+        orig, af = longrope(cfg, full)
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_attn_factors(af)
+    w.add_sliding_window(int(cfg.get("sliding_window") or 0))  # llama.cpp's phi3 ignores it (checked shorter than context)
+
+
 # --------------------------------------------------------------------------- the table
 
 QWEN_CHECKS: tuple[Check, ...] = (no_attention_bias, no_qwen_sliding_window, full_attention_layers)
@@ -237,6 +322,16 @@ FAMILIES: dict[str, Family] = {
     "gemma3": Family("gemma3", "gemma3", gelu_tanh_only, (no_attention_bias, gemma3_attention), ("default", "linear"),
                      rope=gemma3_rope, transforms={"norm.weight": shift_norm, "self_attn.q_norm.weight": fold_q_scale},
                      context_length=131072, rope_theta=1_000_000.0, hparams=gemma3_hparams, add_space_prefix=False),
+    "qwen2": Family("qwen2", "qwen2", silu_only, (no_qwen_sliding_window, full_attention_layers),
+                    ("default", "linear", "yarn")),
+    "mistral": Family("mistral", "llama", silu_only, (no_attention_bias, full_attention_layers, window_covers_context),
+                      ("default", "linear", "llama3", "yarn"), transforms=llama_rope_transforms(),
+                      rope_dimension_count=True),
+    "gemma2": Family("gemma2", "gemma2", gelu_tanh_only, (no_attention_bias, gemma2_softcaps), ("default",),
+                     transforms={"norm.weight": shift_norm, "self_attn.q_proj.weight": fold_q_proj_scale},
+                     context_length=8192, hparams=gemma2_hparams, add_space_prefix=False),
+    "phi3": Family("phi3", "phi3", silu_only, (no_attention_bias, window_covers_context), ("default", "longrope"),
+                   rope_dimension_count=True, hparams=phi3_hparams, partial_rotary=True, extra_tensors=phi3_rope_factors),
 }
 
 #: Hugging Face architecture -> family
@@ -246,6 +341,10 @@ ARCHS = {
     "Gemma3ForCausalLM": "gemma3",
     "Qwen3MoeForCausalLM": "qwen3moe",
     "MixtralForCausalLM": "mixtral",
+    "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "mistral",
+    "Gemma2ForCausalLM": "gemma2",
+    "Phi3ForCausalLM": "phi3",
 }
 #: config ``model_type`` -> Hugging Face architecture, for configs without ``architectures``
 MODEL_TYPES = {
@@ -254,6 +353,10 @@ MODEL_TYPES = {
     "gemma3_text": "Gemma3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 

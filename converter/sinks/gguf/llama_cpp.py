@@ -102,8 +102,14 @@ def llama_cpp_logits(gguf_file: Path, input_ids: Sequence[int]) -> torch.Tensor:
 
 def llama_cpp_tokenize(gguf_file: Path, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
     """Tokenize ``text`` with the GGUF's own vocabulary in llama.cpp (BOS/EOS per the file's flags)."""
+    return llama_cpp_tokenize_all(gguf_file, [text], add_special=add_special, parse_special=parse_special)[0]
+
+
+def llama_cpp_tokenize_all(gguf_file: Path, texts: Sequence[str], *, add_special: bool = True,
+                           parse_special: bool = True) -> list[list[int]]:
+    """Tokenize several texts with one load of the vocabulary (a real one takes a moment to load)."""
     llm = _load_llama(Path(gguf_file), vocab_only=True)
     try:
-        return list(llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special))
+        return [list(llm.tokenize(t.encode("utf-8"), add_bos=add_special, special=parse_special)) for t in texts]
     finally:
         llm.close()

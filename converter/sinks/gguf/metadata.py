@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .config import head_dim, n_heads, n_kv_heads, n_layers, rope_type
+from .config import head_dim, n_heads, n_kv_heads, n_layers, rope_type, rotary_dims
 from .families import Family
 
 
@@ -30,7 +30,7 @@ def add_hparams(w: Any, hf_config: dict, fam: Family, file_type: Any) -> None:
     w.add_value_length(head_dim(cfg))
     w.add_vocab_size(int(cfg["vocab_size"]))
     if fam.rope_dimension_count:
-        w.add_rope_dimension_count(head_dim(cfg))
+        w.add_rope_dimension_count(rotary_dims(cfg))
 
     full, _ = fam.rope(cfg)
     theta = full.get("rope_theta", cfg.get("rope_theta"))

@@ -162,6 +162,8 @@ def build_outputs(plan: list[PlannedTensor], hf_config: dict, fam: Family, gguf_
         factors = llama3_rope_factors(cfg, full_rope)
         outs.append(OutTensor("rope_freqs.weight", tuple(factors.shape), gguf.GGMLQuantizationType.F32,
                               lambda f=factors: f, 0))
+    for gname, extra in (fam.extra_tensors(cfg) if fam.extra_tensors is not None else []):
+        outs.append(OutTensor(gname, tuple(extra.shape), gguf.GGMLQuantizationType.F32, lambda t=extra: t, 0))
 
     for p in plan:
         name = p.name

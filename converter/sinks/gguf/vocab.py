@@ -29,14 +29,17 @@ CHKTXT = (
     '\'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? '
     '\'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
 )
-# The hashes of the families this project exports (from llama.cpp's converter table).
+# The hashes of the families this project exports (facts from llama.cpp's converter table).
 PRE_HASHES = {
     "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",      # Qwen1.5 .. Qwen3
     "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",      # Qwen3-Embedding
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3 / 3.x
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",      # GPT-2
     "0fe1cf6eda062318a1af7270f3331a85c539a01778ff948e24388e949c5282f4": "gpt-2",
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",      # SmolLM
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",  # R1-Distill-Qwen
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",     # Mistral-Nemo
+    "ccc2ef013c104be7bae2965776d611e1d7a8a2a9c547dd93a682c9a9fc80352e": "gpt-4o",     # Phi-4-mini (o200k)
 }
 # The split regexes of the pre-tokenizers llama.cpp implements for these names
 # (as they appear in the models' tokenizer.json).
@@ -119,6 +122,14 @@ def identify_vocab(tok: TokenizerFiles) -> VocabInfo:
     is_byte_level = model.get("type") == "BPE" and not model.get("byte_fallback", False) and (
         pre.get("type") == "ByteLevel" or any(p.get("type") == "ByteLevel" for p in pre.get("pretokenizers") or [])
     )
+    if model.get("type") == "BPE" and model.get("byte_fallback", False):
+        raise fail(
+            f"write the GGUF vocabulary of {tok.path.name or tok.path}: its tokenizer.json is SentencePiece-style BPE "
+            "(byte fallback) and there is no tokenizer.model; llama.cpp's converter would give every piece the same "
+            "score, which tokenizes differently",
+            "put the base model's tokenizer.model next to tokenizer.json (Llama 2, Mistral, Gemma and Phi-3 ship "
+            "one), or export with --format hf", SEE,
+        )
     if not is_byte_level:
         raise fail(
             f"write the GGUF vocabulary from tokenizer.json with model {model.get('type')!r}: only byte-level BPE "
@@ -129,11 +140,37 @@ def identify_vocab(tok: TokenizerFiles) -> VocabInfo:
     if res is None:
         raise fail(
             "identify the BPE pre-tokenizer of tokenizer.json: it matches none that llama.cpp implements for this "
-            "export (qwen2, llama-bpe, gpt-2)",
-            "use the base model's own tokenizer (Qwen2/Qwen3, Llama 3 or GPT-2 pre-tokenizer) or export with --format hf",
+            f"export ({', '.join(dict.fromkeys(PRE_HASHES.values()))})",
+            "use the base model's own, unmodified tokenizer (its check-text hash identifies it) or export with --format hf",
             SEE,
         )
     return VocabInfo("gpt2", res)
+
+
+#: llama.cpp sets token attributes for a model whose general.name contains these (llama-vocab.cpp) and
+#: then needs the tokens below in the vocabulary, or the file does not load
+NAME_RULES = {("phi-3", "phi3"): ("</s>", "<unk>", "<s>", "<|endoftext|>")}
+
+
+def check_name_for_llama_cpp(name: str, tok: TokenizerFiles, info: VocabInfo) -> None:
+    """Refuse a ``general.name`` that makes llama.cpp look up tokens this vocabulary lacks."""
+    for needles, needed in NAME_RULES.items():
+        if not any(n in name.lower() for n in needles):
+            continue
+        if info.kind == "llama":
+            have = {p for p, _, _ in read_sentencepiece_model(tok.file("tokenizer.model"))}
+        else:
+            tj = tok.tokenizer_json() or {}
+            have = set((tj.get("model") or {}).get("vocab") or {})
+        have |= {a["content"] for a in (tok.tokenizer_json() or {}).get("added_tokens") or []}
+        have |= {d.get("content") for d in (tok.config.get("added_tokens_decoder") or {}).values()}
+        missing = [t for t in needed if t not in have]
+        if missing:
+            raise fail(
+                f"write GGUF named {name!r}: llama.cpp treats a name containing {' or '.join(needles)!r} as Phi-3 and "
+                f"needs the tokens {', '.join(missing)}, which this vocabulary lacks (the file would not load)",
+                "choose a --name without 'phi3' / 'phi-3'", SEE,
+            )
 
 
 def _looks_special(tok: str) -> bool:
@@ -181,9 +218,9 @@ def bpe_vocab(tok: TokenizerFiles, vocab_size: int) -> tuple[list[str], list[int
     return tokens, types
 
 
-def sp_vocab(tok: TokenizerFiles, vocab_size: int) -> tuple[list[bytes], list[float], list[int], bool | None]:
+def sp_vocab(tok: TokenizerFiles, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
     """SentencePiece vocabulary as llama.cpp's converter builds it (_create_vocab_sentencepiece)."""
-    pieces, add_dummy_prefix = read_sentencepiece_model(tok.file("tokenizer.model"))
+    pieces = read_sentencepiece_model(tok.file("tokenizer.model"))
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
     types = [UNUSED] * vocab_size
@@ -192,7 +229,7 @@ def sp_vocab(tok: TokenizerFiles, vocab_size: int) -> tuple[list[bytes], list[fl
             break
         tokens[i] = piece.encode("utf-8")
         scores[i] = score
-        types[i] = typ if typ in (1, 2, 3, 4, 5, 6) else 1
+        types[i] = typ
     added_file = tok.file("added_tokens.json")
     if added_file.is_file():
         for key, tid in json.loads(added_file.read_text(encoding="utf-8")).items():
@@ -212,7 +249,7 @@ def sp_vocab(tok: TokenizerFiles, vocab_size: int) -> tuple[list[bytes], list[fl
             types[tid] = USER_DEFINED
         scores[tid] = -1000.0
         tokens[tid] = t.encode("utf-8")
-    return tokens, scores, types, add_dummy_prefix
+    return tokens, scores, types
 
 
 def add_vocab(writer: Any, info: VocabInfo, tok: TokenizerFiles, hf_config: dict, fam: Family) -> None:
@@ -228,7 +265,7 @@ def add_vocab(writer: Any, info: VocabInfo, tok: TokenizerFiles, hf_config: dict
         writer.add_token_types(types)
         special = gguf.SpecialVocab(tok.path, load_merges=True, n_vocab=vocab_size)
     else:
-        tokens_b, scores, types, _add_dummy_prefix = sp_vocab(tok, vocab_size)
+        tokens_b, scores, types = sp_vocab(tok, vocab_size)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens_b)

@@ -28,7 +28,7 @@ from .metadata import add_general, add_hparams
 from .quant import K_QUANTS, TYPE_LABELS, default_gguf_type, file_type, nbytes
 from .tensors import OutTensor, build_outputs
 from .tokenizer import TokenizerFiles, tokenizer_files
-from .vocab import add_vocab, identify_vocab
+from .vocab import add_vocab, check_name_for_llama_cpp, identify_vocab
 
 CHUNK_ELEMS = 4 * 1024 * 1024  # rows are encoded in chunks of about 16 MB of float32
 
@@ -144,6 +144,7 @@ def write_gguf(
     gguf_type = gguf_type.lower()
     fam = check_model(hf_config, gguf_type)
     info = identify_vocab(tok)
+    check_name_for_llama_cpp(name, tok, info)
     outs = build_outputs(plan, hf_config, fam, gguf_type)
     n_params = sum(o.n_params for o in outs)
     cb = _progress_cb(progress)
