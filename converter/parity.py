@@ -1,7 +1,8 @@
-"""Parity check: the artifact's logits against the source run loaded in float32.
+"""Parity check: the artifact's logits against the source run in float32.
 
 Probe prompts come from the tokenizer (chat template when it has one), so the check
-exercises the same tokens users will send.
+exercises the same tokens users will send. Both sides run a decoder layer at a time
+(:mod:`converter.streaming`), so the check needs one layer's memory, not the model's.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 from typing import Any, Callable
 
 import torch
+
+from .streaming import Streamed
 
 PROBES = (
     "What is the capital of South Korea?",
@@ -27,15 +30,42 @@ def probe_batches(tokenizer: Any, vocab_size: int, max_len: int = 24) -> list[to
     out = []
     for text in PROBES:
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
+            try:
+                text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                     add_generation_prompt=True)
+            except Exception as exc:  # a template made by someone else: any failure, the sandbox's included
+                raise template_error(tokenizer, exc) from None
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_len]
         out.append(ids.clamp(max=vocab_size - 1))
     return out
 
 
+def template_error(tokenizer: Any, exc: Exception) -> Exception:
+    """The chat template failed to render for the probes: refused in three lines naming its file.
+
+    Rendered in transformers' sandboxed Jinja environment, so a template that tries to escape
+    raises there and nothing it asked for runs; the export stops rather than probe without it.
+    """
+    from pathlib import Path
+
+    from .errors import fail
+
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
+    name = next((f for f in ("chat_template.jinja", "chat_template.json") if (folder / f).is_file()),
+                "tokenizer_config.json")
+    why = " ".join(str(exc).split())[:160]
+    return fail(f"render the chat template in {folder.name}/{name} for the parity probes "
+                f"({type(exc).__name__}: {why}); the template was not run",
+                f"fix or remove the chat template in {folder / name}, or pass --no-verify to export without the "
+                "parity check (the template is copied as it is and never run by efexport)",
+                "docs: README.md#parity")
+
+
 @torch.no_grad()
-def logits_of(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+def logits_of(model: torch.nn.Module | Streamed, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Float32 logits per batch, of a whole model or of one streamed a layer at a time."""
+    if isinstance(model, Streamed):
+        return model.logits(batches)
     device = next(model.parameters()).device
     return [model(input_ids=b.to(device)).logits.float().cpu() for b in batches]
 
@@ -107,21 +137,23 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def run_parity(load_reference: Callable[[], Any], candidate_logits: Callable[[list[torch.Tensor]], list[torch.Tensor]],
-               *, num_parameters: int, candidate_bytes: int, reference_name: str = "source run, float32",
+def run_parity(reference: Callable[[], Any], candidate_logits: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+               *, unit_bytes: int, reference_name: str = "source run, float32",
                engine: str | None = None) -> dict[str, Any]:
-    """Load the reference, take its logits, free it, then the candidate's; skip (saying why) if it cannot fit.
+    """Take the reference's logits a layer at a time, then the candidate's; skip (saying why) if a layer cannot fit.
 
-    ``candidate_logits(batches)`` runs the artifact however it is read: transformers or
-    the runtime loader, llama.cpp, or PEFT on the run's base weights.
+    ``reference()`` is a context manager giving ``(Streamed, tokenizer)``.
+    ``candidate_logits(batches)`` runs the artifact however it is read: streamed from its
+    files, llama.cpp, or PEFT on the run's base weights. ``unit_bytes``: the largest part
+    either side holds at once (one layer, or the embedding / norm + head).
     """
-    need = max(num_parameters * 4, candidate_bytes) * 1.3
+    need = unit_bytes * 1.5
     have = available_memory()
     if need > have:
-        return {"skipped": f"needs about {need / 1e9:.1f} GB of memory to compare, {have / 1e9:.1f} GB available",
+        return {"skipped": f"needs about {need / 1e9:.1f} GB of memory for one layer or the embedding and head, "
+                           f"{have / 1e9:.1f} GB available",
                 "reference": reference_name}
-    loaded = load_reference()
-    batches = probe_batches(loaded.tokenizer, loaded.model.config.get_text_config().vocab_size)
-    reference = logits_of(loaded.model, batches)
-    del loaded
-    return compare(reference, candidate_logits(batches), reference_name, engine=engine)
+    with reference() as (model, tokenizer):
+        batches = probe_batches(tokenizer, model.config.get_text_config().vocab_size)
+        ref = logits_of(model, batches)
+    return compare(ref, candidate_logits(batches), reference_name, engine=engine)

@@ -22,7 +22,7 @@ from ..plan import PlannedTensor
 SEE = "docs: README.md#loading-a-run"
 
 
-def _materialise_buffers(model: nn.Module) -> None:
+def materialise_buffers(model: nn.Module) -> None:
     """Fill meta buffers exactly as transformers does after from_pretrained."""
     for _, module in model.named_modules():
         if any(b.is_meta for b in module.buffers(recurse=False)):
@@ -77,7 +77,26 @@ def build_model(hf_config: dict[str, Any], structure: dict[str, Any] | None, pla
                 precision: str | None, quantized: set[str], *, progress: Any = None) -> nn.Module:
     """Assemble the model from the plan; every parameter must be produced exactly once."""
     model = meta_model(hf_config, structure)
-    _materialise_buffers(model)
+    materialise_buffers(model)
+    assign(model, plan, precision, quantized, progress=progress)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if missing:
+        raise fail(
+            f"load the model: {len(missing)} tensors are missing from the checkpoint, e.g. {', '.join(missing[:3])}",
+            "the checkpoint is incomplete or does not match its config; re-save it from the training run.",
+            SEE,
+        )
+    return model.eval()
+
+
+def assign(model: nn.Module, plan: Iterable[PlannedTensor], precision: str | None, quantized: set[str], *,
+           progress: Any = None) -> None:
+    """Produce each planned tensor and set it in the model; quantized Linears become bitsandbytes modules.
+
+    Also used a part at a time (one decoder layer) by the layer-by-layer parity forward.
+    """
     groups: dict[str, dict[str, torch.Tensor]] = {}
     quant_modules = {n[: -len(".weight")] for n in quantized}
     for t in plan:
@@ -98,16 +117,6 @@ def build_model(hf_config: dict[str, Any], structure: dict[str, Any] | None, pla
         if old.bias is not None and old.bias.is_meta:
             raise fail(f"load {module_name}.bias: it is missing from the checkpoint", "re-save the checkpoint.", SEE)
         setattr(parent, leaf, _bnb_linear(old, tensors, precision or ""))
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-    if missing:
-        raise fail(
-            f"load the model: {len(missing)} tensors are missing from the checkpoint, e.g. {', '.join(missing[:3])}",
-            "the checkpoint is incomplete or does not match its config; re-save it from the training run.",
-            SEE,
-        )
-    return model.eval()
 
 
 def _quant_module_of(name: str, quant_modules: set[str]) -> str | None:
