@@ -16,6 +16,8 @@ from .errors import fail
 
 DEFAULT_TEMPLATE = "model_card.md.jinja"
 SEE = "docs: README.md#model-cards"
+SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+GATED = (None, "fp32", "fp16", "bf16")  # converter.parity.TOLERANCE: float exports are gated, quantized ones recorded
 
 
 def human_size(n: int) -> str:
@@ -60,7 +62,8 @@ def card_data(record: dict[str, Any], license: str | None = None) -> str:
     """YAML front matter for the Hub: base_model, library_name, pipeline_tag, tags, license."""
     from huggingface_hub import ModelCardData
 
-    tags = ["efexport", record["strategy"], record["precision"] or "source-dtype", record["layout"]]
+    tags = ["efexport", record["strategy"], record["precision"] or SHORT_DTYPES.get(record.get("dtype") or ""),
+            record["layout"]]
     if record["layout"] == "gguf":
         tags.insert(0, "gguf")
     if record.get("backbone"):
@@ -69,7 +72,7 @@ def card_data(record: dict[str, Any], license: str | None = None) -> str:
         base_model=record.get("base_model") or None,
         library_name="gguf" if record["layout"] == "gguf" else ("peft" if record["layout"] == "peft_adapter" else "transformers"),
         pipeline_tag="text-generation",
-        tags=list(dict.fromkeys(tags)),
+        tags=list(dict.fromkeys(t for t in tags if t)),
         license=license,
     )
     return data.to_yaml()
@@ -80,20 +83,20 @@ def render_card(template, record: dict[str, Any], *, license: str | None = None,
     """The whole README.md: front matter + rendered body."""
     from jinja2 import TemplateError
 
-    precision = record["precision"]
-    q = record.get("quantization")
-    precision_text = (f"{precision} (bitsandbytes {q['quant_type']}{', double quant' if q.get('double_quant') else ''}, "
-                      f"{q['compute_dtype']} compute)" if q else (precision or "source dtype"))
     context = {
         **record,
         "title": title or (record["source"].get("run_name") or "efexport artifact"),
+        "layout_text": layout_text(record),
+        "parameters_text": parameters_text(record),
+        "parity_text": parity_text(record),
+        "parity_gate": parity_gate(record),
         "summary": f"A `{record['strategy']}` fine-tune exported by efexport as a `{record['layout']}` artifact.",
         "source_kind_text": {"eulerforge_run": "EulerForge run", "peft_adapter": "PEFT adapter",
                              "hf_model": "Hugging Face model"}.get(record["source"]["kind"], record["source"]["kind"]),
         "run_name": record["source"].get("run_name"),
         "checkpoint": record["source"].get("checkpoint"),
         "step": record["source"].get("step"),
-        "precision_text": precision_text,
+        "precision_text": precision_text(record),
         "files": [{"name": k, "size_text": human_size(v["size"]), **v} for k, v in record["files"].items()],
         "efexport_version": record["created_with"]["efexport"],
         "repo_ref": repo_ref,
@@ -106,3 +109,52 @@ def render_card(template, record: dict[str, Any], *, license: str | None = None,
     except TemplateError as exc:  # undefined variable (StrictUndefined) or a sandbox violation
         raise fail(f"render the model card: {exc.message}", "use only the documented template variables.", SEE) from None
     return f"---\n{card_data(record, license)}\n---\n\n{body.lstrip()}"
+
+
+def precision_text(record: dict[str, Any]) -> str:
+    """'int4 (bitsandbytes nf4, double quant, bfloat16 compute)', 'q4_k_m (GGUF Q4_K_M: 13 Q5_0, ...)', 'float32'."""
+    precision, q, dtype = record["precision"], record.get("quantization"), record.get("dtype")
+    if q and q.get("method") == "gguf":
+        mix = ", ".join(f"{n} {t}" for t, n in (q.get("tensor_types") or {}).items())
+        return f"{precision} (GGUF {q.get('file_type')}" + (f"; tensors: {mix}" if mix else "") + ")"
+    if q:
+        return (f"{precision} (bitsandbytes {q['quant_type']}{', double quant' if q.get('double_quant') else ''}, "
+                f"{q['compute_dtype']} compute)")
+    if precision is None:
+        return f"{dtype} (kept from the source)" if dtype else "the source's dtype"
+    return precision
+
+
+def layout_text(record: dict[str, Any]) -> str:
+    if record["layout"] == "peft_adapter":
+        return "LoRA factors as trained, not merged"
+    return "structure preserved" if record.get("structure_preserved") else "merged, dense"
+
+
+def parameters_text(record: dict[str, Any]) -> str:
+    n = record.get("num_parameters")
+    if not n:
+        return "unknown"
+    return f"{n:,}" + (" (the adapter's LoRA factors)" if record["layout"] == "peft_adapter" else "")
+
+
+def parity_gate(record: dict[str, Any]) -> str:
+    """Whether the figures were a pass/fail check or a record (quantized exports), in words."""
+    parity, precision = record.get("parity") or {}, record["precision"]
+    if parity.get("skipped"):
+        return ""
+    if record.get("layout") == "peft_adapter":  # an adapter on its base weights must match to float32 error
+        return "within the fp32 tolerance, checked at export"
+    if precision in GATED:
+        return f"within the {precision or SHORT_DTYPES.get(record.get('dtype') or '', 'source-dtype')} tolerance, checked at export"
+    return (f"recorded, not gated: {precision} quantization changes logits by design, these figures say by how much")
+
+
+def parity_text(record: dict[str, Any]) -> str:
+    """max |Δlogit| with what it is relative to, and top-1 agreement, rounded as the export prints them."""
+    p = record.get("parity") or {}
+    if p.get("skipped"):
+        return f"not measured: {p['skipped']}"
+    diff, scale = p["max_abs_logit_diff"], p.get("max_abs_logit") or 0.0
+    rel = f" ({100 * diff / scale:.3g}% of the source's max |logit| {scale:.3g})" if scale else ""
+    return f"max |Δlogit| {diff:.3g}{rel}, top-1 agreement {100 * p['top1_agreement']:.1f}%"

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
+import time
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
 import click
 
 from .errors import EfexportError
+from .quiet import quiet_libraries
+
+STARTED = time.monotonic()
 
 EXAMPLES = """
 \b
@@ -42,22 +48,20 @@ class ExportFirstGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-def _quiet_libraries(quiet: bool) -> None:
-    """transformers' own progress bars and warnings would interleave with ours."""
-    import logging
+def _debug_option(f):
+    """Listed in every command's --help; run() reads it from argv, so it works in any position."""
+    return click.option("--debug", is_flag=True, expose_value=False,
+                        help="Show the Python traceback of an error (for bug reports).")(f)
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+def command_seconds() -> float:
+    """Wall time since the process started (imports included): what the user waited."""
     try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except Exception:
-        pass
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(stat[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - STARTED
 
 
 def _emit(data: dict[str, Any], as_json: bool, text: str) -> None:
@@ -119,6 +123,7 @@ def main() -> None:
 @_hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_debug_option
 def export_cmd(run: str, out: Path, checkpoint: str, precision: str | None, fmt: str,
                moe_layout: str | None, max_shard_size: str, base_model: str | None, download_base: bool,
                template: Path | None,
@@ -129,7 +134,6 @@ def export_cmd(run: str, out: Path, checkpoint: str, precision: str | None, fmt:
     from .export import ExportOptions, PushOptions, export
     from .export.api import PushFailed
 
-    _quiet_libraries(quiet)
     push = None
     if push_to_hub:
         push = PushOptions(repo_id=push_to_hub, token=token, endpoint=endpoint, private=private,
@@ -148,16 +152,18 @@ def export_cmd(run: str, out: Path, checkpoint: str, precision: str | None, fmt:
         _emit({"dry_run": True, **plan}, as_json, "\n".join(lines))
         return
     record = result.record
+    from .card import parity_gate, parity_text
+
     parity = record.get("parity") or {}
-    if "skipped" in parity:
-        parity_text = f"parity skipped: {parity['skipped']}"
-    else:
-        parity_text = (f"parity: max |Δlogit| {parity['max_abs_logit_diff']:.3g}, top-1 {100 * parity['top1_agreement']:.1f}% "
-                       f"vs {parity['reference']}" + (f" in {parity['engine']}" if parity.get("engine") else ""))
+    line = parity_text(record)
+    if "skipped" not in parity:
+        line += f" vs {parity['reference']}" + (f" in {parity['engine']}" if parity.get("engine") else "")
+        line += f"; {parity_gate(record)}"
     size = sum(f["size"] for f in record["files"].values())
-    text = [f"Wrote {result.out} ({record['layout']}, {record['precision'] or 'source dtype'}, "
-            f"{len(record['files']) + 1} files, {size / 1e6:.1f} MB) in {result.seconds:.1f}s", parity_text]
-    data = {**record, "out": str(result.out), "seconds": result.seconds}
+    waited = command_seconds()
+    text = [f"Wrote {result.out} ({record['layout']}, {record['precision'] or record.get('dtype') or 'source dtype'}, "
+            f"{len(record['files']) + 1} files, {size / 1e6:.1f} MB) in {waited:.1f}s", f"parity: {line}"]
+    data = {**record, "out": str(result.out), "seconds": result.seconds, "command_seconds": round(waited, 2)}
     if result.push:
         text.append(f"Pushed to {result.push['url']} (commit {result.push['commit_id']})")
         data["push"] = result.push
@@ -180,38 +186,76 @@ def _push_again(exc: Any) -> EfexportError:
 @click.option("--checkpoint", "-c", default="final", show_default=True)
 @click.option("--base-model", default=None, help="Base model for PEFT adapter folders.")
 @click.option("--json", "as_json", is_flag=True)
+@_debug_option
 def inspect_cmd(run: str, checkpoint: str, base_model: str | None, as_json: bool) -> None:
     """Show what RUN holds: checkpoints, strategy, backbone, LoRA, tensors, sizes and target formats."""
     from .inspect import inspect_run
 
-    _quiet_libraries(True)
     info = inspect_run(run, checkpoint, base_model=base_model)
+    _emit(info, as_json, "\n".join(inspect_lines(info)))
+
+
+def inspect_lines(info: dict[str, Any]) -> list[str]:
+    """The text form of `efexport inspect`: every field --json has, dicts and lists in one line each."""
     lines = [f"{k}: {v}" for k, v in info.items() if not isinstance(v, (dict, list))]
-    checkpoints = ", ".join(f"{c['name']} (step {c['step']})" for c in info["checkpoints"]) or "-"
-    lines += [f"checkpoints: {checkpoints}"]
-    lines += ["size by precision: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in info["size_by_precision"].items())]
-    lines += ["formats: " + "; ".join(f"{k}: {v}" for k, v in info["formats"].items())]
-    _emit(info, as_json, "\n".join(lines))
+    lora = info.get("lora_config")
+    if lora:
+        lines.append("lora: " + ", ".join(f"{k.removeprefix('lora_')} {v}" for k, v in lora.items()))
+    if info.get("quantization"):
+        lines.append("quantization: " + ", ".join(f"{k} {v}" for k, v in info["quantization"].items()))
+    if info.get("source"):
+        lines.append("made from: " + ", ".join(f"{k} {v}" for k, v in info["source"].items()
+                                               if v is not None and k != "weights_sha256"))
+    if "checkpoints" in info:
+        lines.append("checkpoints: " + (", ".join(f"{c['name']} (step {c['step']})" for c in info["checkpoints"]) or "-"))
+    if info.get("size_by_precision"):
+        lines.append("size by precision: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in info["size_by_precision"].items()))
+    formats = info["formats"]
+    if len(set(formats.values())) == 1 and len(formats) > 1:  # an artifact that is no export source
+        lines.append(f"formats: {', '.join(formats)}: {next(iter(formats.values()))}")
+    else:
+        lines.append("formats: " + "; ".join(f"{k}: {v}" for k, v in formats.items()))
+    return lines
 
 
 @main.command("verify")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--no-parity", is_flag=True, help="Only check file sizes and hashes.")
+@click.option("--base-model", default=None, help="PEFT adapters: the base model to reload them on (folder or cached Hub id).")
 @click.option("--json", "as_json", is_flag=True)
-def verify_cmd(artifact: Path, no_parity: bool, as_json: bool) -> None:
-    """Check ARTIFACT's files against efexport.json, reload it and re-measure parity."""
+@_debug_option
+def verify_cmd(artifact: Path, no_parity: bool, base_model: str | None, as_json: bool) -> None:
+    """Check ARTIFACT's files against efexport.json, reload it and re-measure its logits."""
     from .verify import verify_artifact
 
-    _quiet_libraries(True)
-    report = verify_artifact(artifact, parity=not no_parity)
-    lines = [f"{artifact}: {'OK' if report['ok'] else 'FAILED'}", f"files: {report['files_checked']} checked"]
-    if "parity" in report:
-        lines.append(f"parity: recorded max |Δlogit| {report['parity']['recorded']}, now {report['parity']['measured']}")
-    _emit(report, as_json, "\n".join(lines))
+    with quiet_libraries(progress_bars=False):
+        report = verify_artifact(artifact, parity=not no_parity, base_model=base_model)
+    _emit(report, as_json, "\n".join(verify_lines(artifact, report)))
     if not report["ok"]:
         if not as_json and report.get("error"):
             click.echo(report["error"], err=True)
         sys.exit(1)
+
+
+def verify_lines(artifact: Path, report: dict[str, Any]) -> list[str]:
+    """What was checked, what was skipped and why, figures rounded as the export printed them."""
+    from .card import parity_gate, parity_text
+
+    lines = [f"{artifact}: {'OK' if report['ok'] else 'FAILED'}"]
+    if "layout" not in report:
+        return lines
+    lines.append(f"files: {report['files_checked']} checked (size and sha256 against efexport.json)")
+    parity = report.get("parity") or {}
+    if parity.get("skipped"):
+        lines.append(f"reload: skipped: {parity['skipped']}")
+    elif parity:
+        lines.append(f"reload: {parity['engine']}, {parity['prompts']} probe prompts: {parity['measured']}")
+    recorded = report.get("recorded") or {}
+    if recorded and not recorded.get("skipped"):
+        record = {"parity": recorded, "precision": report["precision"], "dtype": report.get("dtype"),
+                  "layout": report["layout"]}
+        lines.append(f"at export: {parity_text(record)} vs {recorded.get('reference')}; {parity_gate(record)}")
+    return lines
 
 
 @main.command("push")
@@ -219,6 +263,7 @@ def verify_cmd(artifact: Path, no_parity: bool, as_json: bool) -> None:
 @click.argument("repo_id")
 @_hub_options
 @click.option("--json", "as_json", is_flag=True)
+@_debug_option
 def push_cmd(artifact: Path, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
              token: str | None, endpoint: str | None, as_json: bool) -> None:
     """Publish an exported ARTIFACT to the Hub repo REPO_ID (verified before and after)."""
@@ -238,7 +283,8 @@ def run() -> None:
     debug = "--debug" in sys.argv
     args = [a for a in sys.argv[1:] if a != "--debug"]
     try:
-        main.main(args=args, prog_name="efexport", standalone_mode=False)
+        with quiet_libraries(progress_bars=False):
+            main.main(args=args, prog_name="efexport", standalone_mode=False)
     except EfexportError as exc:
         if debug:
             raise
@@ -250,11 +296,58 @@ def run() -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted: nothing was written to --out.", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        if debug:
+            raise
+        click.echo(str(usage_error(exc, args)), err=True)
+        sys.exit(2)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except SystemExit:
         raise
+
+
+def usage_error(exc: click.UsageError, args: list[str]) -> EfexportError:
+    """Click's usage errors in the three-line form, naming the command line the user typed."""
+    typed = " ".join(["efexport", *(shlex.quote(a) for a in args)])
+    message = exc.format_message().rstrip(".")
+    command = exc.ctx.command.name if exc.ctx is not None and exc.ctx.command is not main else None
+    see = f"efexport {command} --help" if command else "efexport --help"
+    fix = f"see the options below ({see})"
+    param = getattr(exc, "param", None)
+    if isinstance(exc, click.BadParameter) and param is not None and isinstance(param.type, click.Choice):
+        choices = [str(c) for c in param.type.choices]
+        name = max(param.opts, key=len) if param.opts else param.name
+        given = option_value(args, param.opts)
+        close = get_close_matches(given or "", choices, n=1)
+        message = f"{name} {given!r} is not one of {', '.join(choices)}" if given is not None else message
+        fix = f"pass {name} {'|'.join(choices)}" + (f" (did you mean {name} {close[0]}?)" if close else "")
+    elif isinstance(exc, click.MissingParameter) and param is not None:
+        if param.param_type_name == "option":
+            name = max(param.opts, key=len)
+            fix, message = f"add {name} {param.metavar or (param.name or '').upper()}", f"{name} is missing"
+        else:
+            name = (param.name or "").upper()
+            fix, message = f"add {name}", f"the {name} argument is missing"
+    elif isinstance(exc, click.NoSuchOption):
+        close = exc.possibilities or []
+        fix = (f"did you mean {close[0]}? " if close else "") + f"`{see}` lists every option"
+        message = f"there is no option {exc.option_name}"
+    message = message[:1].lower() + message[1:]
+    return EfexportError(f"run `{typed}`: {message}", fix + ".", see)
+
+
+def option_value(args: list[str], opts: list[str]) -> str | None:
+    """The value the user gave an option (``--format x`` or ``--format=x``), last one wins."""
+    value = None
+    for i, a in enumerate(args):
+        for o in opts:
+            if a == o and i + 1 < len(args):
+                value = args[i + 1]
+            elif a.startswith(o + "="):
+                value = a[len(o) + 1:]
+    return value
 
 
 if __name__ == "__main__":

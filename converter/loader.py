@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .loaded import LoadedModel, ModelMetadata, load_tokenizer, resolve_device, resolve_float_dtype
+from .errors import fail
+from .inputs import artifact_record
+from .loaded import SEE, LoadedModel, ModelMetadata, load_tokenizer, resolve_device, resolve_float_dtype
 from .pipeline import open_pipeline
 from .precision import check_precision, require_bitsandbytes
+from .quiet import quiet_libraries
 from .sinks.model import build_model
+
+HF_LAYOUTS = ("dense", "moe", "compact")
 
 
 def load_model(
@@ -31,6 +36,9 @@ def load_model(
     dev = resolve_device(device)
     float_dtype = resolve_float_dtype(dtype, precision)
     require_bitsandbytes(precision)
+    artifact = load_as_artifact(path, precision, device, dtype)
+    if artifact is not None:
+        return artifact
     with open_pipeline(path, checkpoint, for_loading=True, base_model=base_model, download_base=download_base) as pipe:
         quantized = pipe.quantizable if precision in ("int4", "int8") else set()
         plan = pipe.planned(precision, float_dtype)
@@ -48,3 +56,26 @@ def load_model(
         load_precision=precision,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, metadata=meta)
+
+
+def load_as_artifact(path: str | Path, precision: str | None, device: str, dtype: str) -> LoadedModel | None:
+    """An efexport artifact loads as written, through the runtime loader (files verified first).
+
+    None when ``path`` is not an artifact the runtime loader reads, or when a float artifact
+    is asked for another precision (then it is read like any Hugging Face folder).
+    """
+    record = artifact_record(path)
+    if record is None or record.get("layout") not in HF_LAYOUTS:
+        return None
+    written = record.get("precision")
+    quantized = written in ("int4", "int8")
+    if precision is not None and precision != written:
+        if not quantized:
+            return None
+        raise fail(f"load {Path(path).name} at {precision}: it is an {written} artifact, and its weights are "
+                   "already quantized", f"load it as written (load_precision=None), or export the run at {precision}.",
+                   SEE)
+    from .runtime import load_artifact
+
+    with quiet_libraries(progress_bars=False):  # load_model shows no loading bars for runs either
+        return load_artifact(path, device=device, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Chat with a loaded run (seed 000, section 6.1).
+"""Chat with a loaded run or an exported artifact (load_model: one call, any folder efexport reads).
 
     python examples/load_and_chat.py <path> [--precision int4] [--prompt "..."]
 

@@ -1,4 +1,4 @@
-"""Load a run and print its metadata (seed 000, section 5).
+"""Load a run and print what load_model detected: strategy, backbone, checkpoint, LoRA.
 
     python examples/load_and_inspect.py <run_dir or checkpoint_dir> [--checkpoint best]
 """

@@ -1,4 +1,4 @@
-"""Compare memory of a run loaded in fp16 and quantized (seed 000, section 6.2).
+"""Compare the memory of a run loaded in fp16 and quantized (load_model with load_precision).
 
     python examples/load_quantized.py <path> --precision int4
 """

@@ -5,11 +5,15 @@
 It uses the same writer as the test suite (tests/fixtures/runs.py), so the demo is
 exactly the format efexport reads: resolved_config.json, final/, checkpoint-best/,
 checkpoint-latest/, tokenizer with a chat template. Nothing is downloaded.
+
+The weights are random and tiny, so the run names no base model: its cards and adapters
+then say "unknown" instead of pointing users at a real model it was never trained from.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -28,7 +32,11 @@ def main() -> None:
     if args.out.exists():
         parser.error(f"{args.out} already exists")
     run = make_run(args.out, args.backbone, args.strategy)
-    print(f"Wrote a {args.strategy} demo run ({args.backbone}) to {run.path}")
+    resolved = run.path / "resolved_config.json"
+    config = json.loads(resolved.read_text())
+    config["model"].pop("name_or_path", None)  # random weights: no public base model to name
+    resolved.write_text(json.dumps(config, indent=2) + "\n")
+    print(f"Wrote a {args.strategy} demo run ({args.backbone}, random weights, no base model) to {run.path}")
     print("checkpoints:", ", ".join(run.checkpoints))
 
 

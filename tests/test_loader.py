@@ -1,4 +1,4 @@
-"""load_model(): seed 000's API, checked against the independent reference forward."""
+"""load_model(): the one-call loader, checked against the independent reference forward."""
 
 from __future__ import annotations
 

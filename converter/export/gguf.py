@@ -11,7 +11,8 @@ from ..errors import fail
 from ..pipeline import Pipeline
 from ..plan import TensorPlan
 from ..precision import FLOAT_DTYPES
-from ..sinks.gguf import TokenizerFiles, check_gguf_request, gguf_filename, llama_cpp_logits, write_gguf, write_modelfile
+from ..sinks.gguf import (TYPE_LABELS, TokenizerFiles, check_gguf_request, gguf_filename, llama_cpp_available,
+                          llama_cpp_logits, write_gguf, write_modelfile)
 from .options import SEE, ExportOptions
 from .parity import measure_parity, require_tolerance
 from .prepared import Prepared
@@ -54,7 +55,8 @@ class GgufFormat:
         return "gguf"
 
     def quantization(self, precision: str | None) -> dict[str, Any] | None:
-        return None
+        """The file type asked for; write() adds the per-tensor type mix read back from the file."""
+        return {"method": "gguf", "file_type": TYPE_LABELS.get(precision or "", precision)} if precision else None
 
     def write(self, prepared: Prepared, tmp: Path) -> dict[str, Any]:
         opts, pipe = prepared.opts, prepared.pipe
@@ -72,14 +74,53 @@ class GgufFormat:
         parity = _parity(prepared, tmp / filename) if opts.verify else {"skipped": "--no-verify"}
         require_tolerance(parity, gtype, pipe.source_dtype() == torch.float32, "GGUF: in llama.cpp its logits",
                           fp32_rel=1e-3)
-        return finish(prepared, tmp, {"layout": "gguf", "parity": parity, "precision": gtype, "gguf": report})
+        quantization = {"method": "gguf", "file_type": report["file_type"], "tensor_types": tensor_types(tmp / filename)}
+        return finish(prepared, tmp, {"layout": "gguf", "parity": parity, "precision": gtype, "gguf": report,
+                                      "quantization": quantization, "versions": gguf_versions()})
 
 
 def _parity(prepared: Prepared, gguf_file: Path) -> dict[str, Any]:
-    try:
-        import llama_cpp
-    except ImportError:
+    if not llama_cpp_available():
         return {"skipped": "llama-cpp-python is not installed (pip install 'efexport[gguf]')", "reference": "source run, float32"}
-    return measure_parity(
-        prepared, lambda batches: [llama_cpp_logits(gguf_file, b[0].tolist()).unsqueeze(0) for b in batches],
-        engine=f"llama.cpp {llama_cpp.__version__}")
+    probes: list[list[int]] = []
+
+    def gguf_logits(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        probes[:] = [b[0].tolist() for b in batches]  # recorded: `efexport verify` reruns these ids in llama.cpp
+        return [llama_cpp_logits(gguf_file, ids).unsqueeze(0) for ids in probes]
+
+    versions = gguf_versions()
+    parity = measure_parity(prepared, gguf_logits, engine=f"llama.cpp {versions.get('llama.cpp') or ''} "
+                            f"(llama-cpp-python {versions.get('llama-cpp-python')})".replace("  ", " "))
+    if "skipped" not in parity:
+        parity["probe_ids"] = probes
+    return parity
+
+
+def tensor_types(gguf_file: Path) -> dict[str, int]:
+    """How many tensors of each GGML type the file holds (K-quant files mix types by llama.cpp's rules)."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for t in GGUFReader(str(gguf_file)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def gguf_versions() -> dict[str, str | None]:
+    """The gguf writer, llama-cpp-python, and llama.cpp's own version string where the bindings expose it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for key, dist in (("gguf", "gguf"), ("llama-cpp-python", "llama_cpp_python")):
+        try:
+            out[key] = version(dist)
+        except PackageNotFoundError:
+            out[key] = None
+    if out["llama-cpp-python"]:
+        try:
+            import llama_cpp
+
+            out["llama.cpp"] = llama_cpp.llama_version().decode()
+        except Exception:  # older bindings without llama_version()
+            out["llama.cpp"] = None
+    return out

@@ -9,7 +9,8 @@ import torch
 
 from ..errors import fail
 from ..pipeline import Pipeline
-from ..plan import TensorPlan
+from ..plan import TensorPlan, numel
+from ..quiet import quiet_libraries
 from ..sinks.model import build_model
 from ..sinks.peft import adapter_plan, base_plan, write_adapter
 from ..sinks.side_files import copy_side_files, public_base_model
@@ -44,7 +45,8 @@ class PeftFormat:
         copy_side_files(pipe.tokenizer_dir(), pipe.config_dirs(), tmp)
         parity = _parity(prepared, tmp) if prepared.opts.verify else {"skipped": "--no-verify"}
         require_tolerance(parity, "fp32", True, "adapter: with its base weights its logits")
-        return finish(prepared, tmp, {"layout": "peft_adapter", "parity": parity})
+        adapter_parameters = sum(numel(t.shape) for t in prepared.plan)  # the card gives the adapter's count
+        return finish(prepared, tmp, {"layout": "peft_adapter", "parity": parity, "num_parameters": adapter_parameters})
 
 
 def _parity(prepared: Prepared, tmp: Path) -> dict[str, Any]:
@@ -54,7 +56,8 @@ def _parity(prepared: Prepared, tmp: Path) -> dict[str, Any]:
         from peft import PeftModel
 
         base = build_model(pipe.target.hf_config, None, base_plan(pipe), None, set())
-        model = PeftModel.from_pretrained(base, str(tmp), torch_device="cpu").eval()
+        with quiet_libraries():  # PEFT reads an attribute transformers 5 deprecates
+            model = PeftModel.from_pretrained(base, str(tmp), torch_device="cpu").eval()
         with torch.no_grad():
             return [model(input_ids=b).logits.float() for b in batches]
 

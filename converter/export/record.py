@@ -10,8 +10,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import __version__
 from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_entries, sha256_file
+from ..plan import numel
+from ..precision import FLOAT_DTYPES
 from ..sinks.side_files import public_base_model
 from .hashes import weights_digest
 from .prepared import Prepared
@@ -43,9 +47,10 @@ def build_record(prepared: Prepared, part: dict[str, Any], files: dict[str, Any]
         "architecture": pipe.target.architecture or None,
         "base_model": public_base_model(run.base_model),
         "precision": precision,
-        "quantization": prepared.fmt.quantization(precision),
+        "dtype": part.get("dtype") or float_dtype_name(prepared, precision),
+        "quantization": part.get("quantization") or prepared.fmt.quantization(precision),
         "lora_config": pipe.injection.lora_config,
-        "num_parameters": pipe.num_parameters(),
+        "num_parameters": part.get("num_parameters") or pipe.num_parameters(),
         "source": {
             "kind": run.source_kind,
             "run_name": run.run_name,
@@ -55,18 +60,33 @@ def build_record(prepared: Prepared, part: dict[str, Any], files: dict[str, Any]
         },
         "files": files,
         "parity": part.get("parity"),
-        "created_with": versions(),
+        "created_with": {**versions(), **(part.get("versions") or {})},
     }
     if "gguf" in part:
         record["gguf"] = {k: v for k, v in part["gguf"].items() if k in ("arch", "tensor_count", "file_type")}
     return record
 
 
+def float_dtype_name(prepared: Prepared, precision: str | None) -> str | None:
+    """The float dtype the weights were written in: the precision's, or (kept) the plan's own."""
+    if precision in FLOAT_DTYPES:
+        return str(FLOAT_DTYPES[precision]).removeprefix("torch.")
+    if precision is not None:
+        return None  # quantized: `quantization` says how
+    counts: dict[torch.dtype, int] = {}
+    for t in prepared.plan:
+        if t.dtype.is_floating_point:
+            counts[t.dtype] = counts.get(t.dtype, 0) + numel(t.shape)
+    return str(max(counts, key=counts.get)).removeprefix("torch.") if counts else None
+
+
 def render(prepared: Prepared, record: dict[str, Any]) -> str:
     from ..card import render_card
 
-    repo_ref = (prepared.opts.push.repo_id if prepared.opts.push else None) or prepared.opts.out.name
-    return render_card(prepared.template, record, license=prepared.opts.license, repo_ref=repo_ref)
+    opts = prepared.opts
+    repo_ref = (opts.push.repo_id if opts.push else None) or opts.out.name
+    return render_card(prepared.template, record, license=opts.license, repo_ref=repo_ref,
+                       title=opts.name or Path(opts.out).name)
 
 
 def preview_card(prepared: Prepared) -> str:
