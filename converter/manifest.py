@@ -66,6 +66,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise fail(f"read {MANIFEST}: {exc.msg} at line {exc.lineno}", "re-export the artifact.", SEE) from None
     except UnicodeDecodeError:
         raise fail(f"read {MANIFEST}: it is not UTF-8 text", "re-export the artifact.", SEE) from None
+    except RecursionError:
+        raise fail(f"read {MANIFEST}: it nests too deeply to be a manifest", "re-export the artifact.", SEE) from None
     if not isinstance(data, dict):
         raise _bad_manifest(folder, f"{MANIFEST} is not a JSON object")
     if data.get("format") != FORMAT:
@@ -170,7 +172,8 @@ def _check_name(folder: Path, rel: Any) -> None:
     """A listed name is a plain relative path inside the folder, and not efexport.json itself."""
     if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
         raise _bad_manifest(folder, f"{MANIFEST} lists an invalid file name {rel!r}")
-    if PurePosixPath(rel).is_absolute() or any(part in ("", ".", "..") for part in rel.split("/")):
+    if (PurePosixPath(rel).is_absolute() or re.match(r"[A-Za-z]:", rel)  # a drive, as Windows would read it
+            or any(part in ("", ".", "..") for part in rel.split("/"))):
         raise _bad_manifest(folder, f"{MANIFEST} lists {rel!r}, which is not a plain relative path inside the folder")
     if rel == MANIFEST:
         raise _bad_manifest(folder, f"{MANIFEST} lists itself in `files`")

@@ -18,6 +18,7 @@ import torch
 
 from .errors import SEE_LOADING, fail
 from .hf_model import meta_model, quantizable_names
+from .inputs import refuse_quantized
 from .modules import ADAPTER_MODULES
 from .plan import TensorPlan, numel
 from .precision import apply_precision
@@ -91,6 +92,7 @@ def open_pipeline(path: str | Path, checkpoint: str | int = "final", *, moe_layo
                   for_loading: bool = False, base_model: str | None = None, download_base: bool = False) -> Pipeline:
     """Resolve, read headers, detect and plan; no tensor data is read here."""
     run = resolve(path, checkpoint, base_model=base_model, download_base=download_base)
+    refuse_quantized(run.checkpoint_dir, run.hf_config)  # before a shape error could blame the checkpoint
     if run.adapter is not None:
         run, source, injection, reader = open_adapter_source(run)
     else:

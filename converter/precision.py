@@ -18,6 +18,7 @@ import torch
 
 from .errors import fail
 from .plan import PlannedTensor, TensorPlan
+from .quiet import quiet_libraries
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -60,7 +61,8 @@ def require_bitsandbytes(precision: str | None) -> None:
     if precision not in ("int4", "int8"):
         return
     try:
-        import bitsandbytes  # noqa: F401
+        with quiet_libraries():  # the first import logs about optional kernels
+            import bitsandbytes  # noqa: F401
     except Exception as exc:  # ImportError, or a broken native library
         raise fail(
             f"quantize to {precision}: bitsandbytes is not available ({type(exc).__name__})",

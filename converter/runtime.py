@@ -20,6 +20,7 @@ import torch
 from .errors import fail
 from .loaded import LoadedModel, ModelMetadata, load_tokenizer, resolve_device, resolve_float_dtype
 from .manifest import read_manifest, verify_files
+from .quiet import quiet_libraries
 
 SEE = "docs: README.md#loading-an-artifact"
 HF_LAYOUTS = ("dense", "moe", "compact")
@@ -39,7 +40,7 @@ def _local_folder(path: str | Path, revision: str | None, token: str | None, end
     raise fail(f"load artifact {path}: no such folder", "pass the --out folder of an efexport export, or a Hub repo id.", SEE)
 
 
-def _quantized_modules(source: Any) -> tuple[str | None, set[str]]:
+def quantized_modules(source: Any) -> tuple[str | None, set[str]]:
     """Which Linears of a compact artifact hold bitsandbytes tensors, and how."""
     nf4 = {n[: -len(".quant_state.bitsandbytes__nf4")] for n in source.names if n.endswith(".quant_state.bitsandbytes__nf4")}
     if nf4:
@@ -57,29 +58,52 @@ def _load_compact(folder: Path, config: dict[str, Any], float_dtype: torch.dtype
 
     config = {k: v for k, v in config.items() if k not in ("quantization_config", "auto_map")}
     with TensorSource(folder) as source:
-        precision, quantized = _quantized_modules(source)
+        precision, quantized = quantized_modules(source)
         if precision is not None:
-            import bitsandbytes  # noqa: F401  (only quantized artifacts need it)
+            with quiet_libraries():
+                import bitsandbytes  # noqa: F401  (only quantized artifacts need it)
         plan = []
         for name in source.names:
             cast = (float_dtype is not None and source.dtype(name).is_floating_point
-                    and not _is_quant_tensor(name, quantized))
+                    and not is_quant_tensor(name, quantized))
             plan.append(PlannedTensor(name, source.shape(name), float_dtype if cast else source.dtype(name),
                                       (lambda n=name, c=cast: source.get(n).to(float_dtype) if c else source.get(n))))
         return build_model(config, config[STRUCTURE_KEY], plan, precision, quantized)
 
 
-def _is_quant_tensor(name: str, quantized: set[str]) -> bool:
+def is_quant_tensor(name: str, quantized: set[str]) -> bool:
     module = name.rsplit(".weight", 1)[0] if ".weight" in name else name.rsplit(".", 1)[0]
     return f"{module}.weight" in quantized
 
 
+def check_weights(folder: Path) -> dict[str, Any]:
+    """config.json and every safetensors header, validated as the exporter validates a run's; returns the config.
+
+    Hashes say a file is the one listed, not that it is sound: a header whose length or
+    offsets lie would otherwise end in a traceback (or worse) inside the safetensors library.
+    """
+    from .hf_model import check_config, check_plan_fits
+    from .modules import STRUCTURE_KEY
+    from .source.files import read_json
+    from .source.safetensors import TensorSource
+
+    config = read_json(folder / "config.json", SEE)
+    check_config(config, folder / "config.json", SEE)
+    with TensorSource(folder, see=SEE) as source:  # the index's shard names and each shard's header
+        infos = list(source.infos.values())
+    if not config.get("quantization_config"):  # bitsandbytes tensors are packed; transformers checks those
+        problem = check_plan_fits(config, config.get(STRUCTURE_KEY), [(i.name, i.shape, i.dtype) for i in infos])
+        if problem:
+            raise fail(f"load {folder.name}: its weights do not match its config.json: {problem}",
+                       "re-download or re-export the artifact.", SEE)
+    return config
+
+
 def load_weights(folder: Path, layout: str, precision: str | None, dev: torch.device,
                  float_dtype: torch.dtype | None) -> torch.nn.Module:
-    """The model of an artifact folder (no checks): transformers for dense/moe, our modules for compact."""
-    import json
-
-    config = json.loads((folder / "config.json").read_text())
+    """The model of an artifact folder (files checked by :func:`check_weights`): transformers for dense/moe,
+    our modules for compact."""
+    config = check_weights(folder)
     if layout == "compact":
         return _load_compact(folder, config, float_dtype).to(dev)
     from transformers import AutoModelForCausalLM
@@ -87,7 +111,8 @@ def load_weights(folder: Path, layout: str, precision: str | None, dev: torch.de
     kwargs: dict[str, Any] = {"dtype": float_dtype or "auto"}
     if precision in ("int4", "int8"):
         kwargs["device_map"] = str(dev)
-        return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        with quiet_libraries():  # bitsandbytes is imported here
+            return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).to(dev)
 
 
@@ -112,10 +137,9 @@ def load_artifact(
             SEE,
         )
     dev, float_dtype = resolve_device(device), resolve_float_dtype(dtype, None)  # bad arguments fail before hashing
-    if verify:
-        verify_files(folder, manifest)
-    model = load_weights(folder, layout, manifest.get("precision"), dev, float_dtype)
     precision = manifest.get("precision")
+    tokenizer = _verified_while_preparing(folder, manifest, layout, precision) if verify else load_tokenizer(folder)
+    model = load_weights(folder, layout, precision, dev, float_dtype)
     meta = ModelMetadata(
         strategy=manifest.get("strategy") or "none",
         backbone=manifest.get("backbone") or "",
@@ -125,4 +149,46 @@ def load_artifact(
         structure_preserved=bool(manifest.get("structure_preserved")),
         load_precision=precision,
     )
-    return LoadedModel(model=model.eval(), tokenizer=load_tokenizer(folder), metadata=meta)
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, metadata=meta)
+
+
+def _verified_while_preparing(folder: Path, manifest: dict[str, Any], layout: str, precision: str | None) -> Any:
+    """Hash every file (threads: hashlib releases the GIL) while the main thread does what needs no weights.
+
+    The imports the load needs (transformers' model class, bitsandbytes) and the tokenizer run
+    meanwhile; no weight is read before every digest matched, and a mismatch is the error raised
+    (whatever the preparation ran into). Returns the tokenizer.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="efexport-verify") as pool:
+        hashed = pool.submit(verify_files, folder, manifest)
+        try:
+            _import_loader(folder, layout, precision)
+            tokenizer = load_tokenizer(folder)
+        except Exception:
+            hashed.result()  # a changed file explains the failure better
+            raise
+        hashed.result()
+    return tokenizer
+
+
+def _import_loader(folder: Path, layout: str, precision: str | None) -> None:
+    """Import the modules load_weights will use (seconds in a fresh process), touching no weights."""
+    import json
+
+    if precision in ("int4", "int8"):
+        with quiet_libraries():
+            import bitsandbytes  # noqa: F401
+    if layout == "compact":
+        return
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+    if isinstance(name, str):
+        getattr(transformers, name, None)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
+
 import torch
 
 
@@ -23,3 +27,25 @@ def rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def top1(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+
+
+def run_cli(args: list[object], stderr: object = None) -> tuple[int, str, str]:
+    """``efexport ARGS`` through the console entry point, in-process: (exit code, stdout, stderr).
+
+    Anything but an EfexportError or a clean exit propagates, so a traceback fails the test.
+    ``stderr``: a stream to write stderr to instead of the returned string.
+    """
+    from converter import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    old = sys.argv
+    sys.argv = ["efexport", *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(stderr or err):
+            cli.run()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    return code, out.getvalue(), err.getvalue()

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -458,9 +459,14 @@ def test_interrupted_export_leaves_nothing_and_stale_tmp_is_cleaned(run_factory,
 
 def test_templates_ship_in_a_non_editable_install(tmp_path):
     """The wheel carries templates/ as converter.templates, found through importlib.resources."""
-    target = tmp_path / "site"
+    target, src = tmp_path / "site", tmp_path / "src"  # built from a copy: setuptools leaves build/ in the source tree
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("converter", "templates"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
-                    "--target", str(target), str(ROOT)], check=True, capture_output=True, text=True)
+                    "--target", str(target), str(src)], check=True, capture_output=True, text=True)
     code = ("import converter, importlib.resources as r; "
             "print(converter.__file__); print(r.files('converter.templates').joinpath('model_card.md.jinja').read_text()[:40])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,

@@ -22,7 +22,8 @@ from .hashes import BackgroundHashes
 from .options import ExportOptions, PushOptions
 from .prepare import prepare
 from .prepared import Prepared
-from .staging import clean_stale, fsync_tree, move_into_place, new_tmp, sigterm_as_interrupt
+from .staging import (check_out, clean_stale, fsync_tree, make_parents, move_into_place, new_tmp, out_lock,
+                      remove_parents, sigterm_as_interrupt)
 
 
 @dataclass
@@ -49,21 +50,29 @@ def run_export(prepared: Prepared) -> dict[str, Any]:
     """Write, check, and move the artifact into place; returns the efexport.json record."""
     opts, pipe = prepared.opts, prepared.pipe
     out = opts.out
-    clean_stale(out)
-    tmp = new_tmp(out)
-    prepared.hashes = BackgroundHashes()
-    prepared.hashes.hash_source(pipe.source.files)
+    created: list[Path] = []
+    tmp: Path | None = None
     try:
         with sigterm_as_interrupt():
-            tmp.mkdir()
-            record = prepared.fmt.write(prepared, tmp)
-            fsync_tree(tmp)
-            move_into_place(tmp, out)
+            created = make_parents(out)
+            with out_lock(out):
+                check_out(out, opts.force)  # again, under the lock: another export may have finished meanwhile
+                clean_stale(out)
+                tmp = new_tmp(out)
+                prepared.hashes = BackgroundHashes()
+                prepared.hashes.hash_source(pipe.source.files)
+                tmp.mkdir()
+                record = prepared.fmt.write(prepared, tmp)
+                fsync_tree(tmp)
+                move_into_place(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        remove_parents(created)
         raise
     finally:
-        prepared.hashes.close()
+        if prepared.hashes is not None:
+            prepared.hashes.close()
         pipe.close()
     return record
 

@@ -15,7 +15,7 @@ from ..pipeline import Pipeline
 from ..plan import TensorPlan
 from ..precision import FLOAT_DTYPES, bnb_config, check_precision, quantization_record, require_bitsandbytes
 from ..sinks.safetensors import parse_size, write_safetensors
-from ..sinks.side_files import copy_side_files
+from ..sinks.side_files import copy_side_files, public_base_model
 from .options import ExportOptions
 from .parity import measure_parity, require_tolerance
 from .prepared import Prepared
@@ -62,16 +62,22 @@ class HfFormat:
 
 
 def _parity(prepared: Prepared, tmp: Path) -> dict[str, Any]:
+    """The written files, read a decoder layer at a time as load_artifact reads them."""
     from ..parity import logits_of
-    from ..runtime import load_weights
+    from ..streaming import artifact_stream
 
-    layout, precision = prepared.pipe.target.layout, prepared.opts.precision
-    return measure_parity(
-        prepared, lambda batches: logits_of(load_weights(tmp, layout, precision, torch.device("cpu"), None), batches))
+    def artifact_logits(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        with artifact_stream(tmp) as model:
+            return logits_of(model, batches)
+
+    return measure_parity(prepared, artifact_logits)
 
 
 def artifact_config(pipe: Pipeline, precision: str | None) -> dict[str, Any]:
     config = dict(pipe.target.hf_config)
+    name = config.pop("_name_or_path", None)
+    if isinstance(name, str) and public_base_model(name) and name.count("/") <= 1:
+        config["_name_or_path"] = name  # a Hub id says where the weights came from; a local path stays local
     config.pop("transformers_version", None)
     config.pop("torch_dtype", None)
     config["dtype"] = DTYPE_NAMES.get(precision or "", str(pipe.source_dtype()).removeprefix("torch."))

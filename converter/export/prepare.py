@@ -7,18 +7,67 @@ from pathlib import Path
 
 from ..card import load_template
 from ..errors import fail
-from ..pipeline import open_pipeline
+from ..hf_model import check_plan_fits
+from ..pipeline import Pipeline, open_pipeline
 from ..plan import plan_nbytes
 from ..sinks.safetensors import parse_size
+from ..source.files import read_json
 from .gguf import GgufFormat
 from .hf import HfFormat
 from .options import SEE, ExportOptions
 from .peft import PeftFormat
 from .prepared import Format, Prepared
 from .record import preview_card
-from .staging import check_disk, check_out
+from .staging import check_disk, check_out, existing_ancestor
 
 FORMATS: dict[str, Format] = {"hf": HfFormat(), "gguf": GgufFormat(), "peft": PeftFormat()}
+
+
+def check_fits(pipe: Pipeline) -> None:
+    """The planned tensors are exactly the model the target config describes (names, shapes, float-ness).
+
+    Checked from headers before writing, so an export nothing loads (``--no-verify``)
+    still cannot ship a model that transformers would refuse, or fill in at random.
+    """
+    t = pipe.target
+    try:
+        problem = check_plan_fits(t.hf_config, t.structure, [(p.name, p.shape, p.dtype) for p in t.plan])
+    except Exception as exc:  # transformers cannot build the model this config describes
+        problem = f"transformers cannot build it ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+    if problem:
+        raise fail(f"export {pipe.run.checkpoint_dir.name}: its weights do not match its config.json: {problem}",
+                   "the checkpoint is incomplete or its config.json was changed; re-save it from the training run.",
+                   SEE)
+
+
+def check_generation_config(pipe: Pipeline) -> None:
+    """The generation_config.json the artifact will carry is one transformers accepts when loading it."""
+    for folder in pipe.config_dirs():
+        if folder is not None and (Path(folder) / "generation_config.json").is_file():
+            path = Path(folder) / "generation_config.json"
+            read_json(path, SEE)
+            try:
+                from transformers import GenerationConfig
+
+                GenerationConfig.from_pretrained(str(folder))
+            except Exception as exc:  # transformers' own validation of its fields
+                raise fail(f"read {path.name} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})",
+                           f"fix or remove {path}.", SEE) from None
+            return
+
+
+def check_tokenizer(pipe: Pipeline) -> None:
+    """The tokenizer files the artifact will carry load in transformers (an artifact is complete with them)."""
+    folder = pipe.tokenizer_dir()
+    if folder is None:
+        return
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # a damaged tokenizer.json / tokenizer_config.json: any complaint
+        raise fail(f"load the tokenizer in {folder.name} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})",
+                   f"repair or re-save the tokenizer files in {folder}.", SEE) from None
 
 
 def prepare(opts: ExportOptions) -> Prepared:
@@ -34,9 +83,12 @@ def prepare(opts: ExportOptions) -> Prepared:
     pipe = open_pipeline(opts.run, opts.checkpoint, moe_layout=opts.moe_layout, base_model=opts.base_model,
                          download_base=opts.download_base)
     try:
+        check_fits(pipe)
+        check_tokenizer(pipe)
+        check_generation_config(pipe)
         plan = fmt.plan(opts, pipe)
         planned = plan_nbytes(plan)
-        check_disk(opts.out.parent, planned * fmt.disk_factor)
+        check_disk(existing_ancestor(opts.out), planned * fmt.disk_factor)
         prepared = Prepared(opts, fmt, pipe, plan, template, planned)
         preview_card(prepared)
         if opts.push:

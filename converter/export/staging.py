@@ -2,11 +2,14 @@
 
 Nothing is lost or half-written: the artifact is built in ``.<out>.efexport-tmp-<pid>-<id>``,
 fsynced, and only then replaces --out; SIGTERM and Ctrl-C remove it, and a folder left by
-``kill -9`` is removed by the next export to the same --out.
+``kill -9`` is removed by the next export to the same --out. Missing parents of --out are
+created (and removed again if the export fails); ``.<out>.efexport-lock``, held with
+``flock`` while writing, lets only one export at a time write to one --out.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -20,6 +23,15 @@ from ..manifest import MANIFEST
 from .options import SEE
 
 TMP_MARK = ".efexport-tmp-"
+LOCK_MARK = ".efexport-lock"
+
+
+def existing_ancestor(path: Path) -> Path:
+    """The nearest folder above ``path`` that exists (where missing parents would be created)."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -33,10 +45,68 @@ def check_out(out: Path, force: bool) -> None:
             if not (out / MANIFEST).is_file():
                 raise fail(f"replace {out}: it is not an efexport artifact (no {MANIFEST}), so --force will not delete it",
                            "choose another --out, or empty the folder yourself.", SEE)
-    if not out.parent.exists():
-        raise fail(f"write to {out}: the parent folder {out.parent} does not exist", "create it first, or choose another --out.", SEE)
-    if not os.access(out.parent, os.W_OK):
-        raise fail(f"write to {out.parent}: permission denied", "choose an --out you can write to.", SEE)
+    base = existing_ancestor(out)
+    if not base.is_dir():
+        raise fail(f"write to {out}: {base} is a file, not a folder", "choose another --out.", SEE)
+    if not os.access(base, os.W_OK):
+        raise fail(f"write to {base}: permission denied", "choose an --out you can write to.", SEE)
+
+
+def make_parents(out: Path) -> list[Path]:
+    """``mkdir -p`` of --out's parent; returns the folders it created, outermost first."""
+    created: list[Path] = []
+    for folder in reversed([out.parent, *out.parent.parents]):
+        if not folder.exists():
+            try:
+                folder.mkdir()
+            except OSError as exc:
+                remove_parents(created)
+                raise fail(f"create {folder} for --out: {exc.strerror or exc}", "choose an --out you can write to.",
+                           SEE) from None
+            created.append(folder)
+    return created
+
+
+def remove_parents(created: list[Path]) -> None:
+    """Undo :func:`make_parents` after a failed export (only folders still empty)."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+@contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """Hold ``.<out>.efexport-lock`` beside --out: a second export to the same --out fails at once.
+
+    The file is removed on release while still locked; an export that opened it just
+    before finds its inode gone and takes a fresh one, so two never hold "the" lock.
+    """
+    path = out.parent / f".{out.name}{LOCK_MARK}"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise fail(f"write to {out}: another efexport is writing there right now (it holds {path.name})",
+                       "wait for it to finish, or choose another --out.", SEE) from None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def check_disk(folder: Path, planned: int) -> None:

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from ..errors import fail
+from ..hf_model import check_config
 from ..fetch import download_snapshot
-from .files import read_json
-from .run_dir import AdapterBase, ResolvedRun, backbone_of, where
+from .files import read_json, typed
+from .run_dir import RESOLVED, AdapterBase, ResolvedRun, backbone_of, model_info, where
 from .safetensors import TensorInfo, TensorSource
 
 SEE_ADAPTERS = "docs: README.md#peft-adapters"
@@ -30,7 +31,7 @@ BASE_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokeniz
 
 
 def read_adapter_config(ckpt_dir: Path) -> dict[str, Any]:
-    return read_json(Path(ckpt_dir) / "adapter_config.json")
+    return read_json(Path(ckpt_dir) / "adapter_config.json", SEE_ADAPTERS)
 
 
 # --------------------------------------------------------------------------- finding the base model
@@ -115,18 +116,22 @@ def resolve_adapter(ckpt_dir: Path, path_type: str, run_dir: Path | None, checkp
     if base_model:
         candidates.append(("--base-model", str(base_model), None))
     else:
-        run_base = (resolved_cfg.get("model") or {}).get("name_or_path")
+        run_base = model_info(resolved_cfg).get("name_or_path")
         if run_base:
             candidates.append(("resolved_config.json model.name_or_path", str(run_base), None))
-        if cfg.get("base_model_name_or_path"):  # PEFT loads it at the adapter_config's "revision"
-            candidates.append(("adapter_config.json base_model_name_or_path", str(cfg["base_model_name_or_path"]),
-                               cfg.get("revision") or None))
+        named = typed(cfg, "base_model_name_or_path", str, "adapter_config.json", "a model id or path", SEE_ADAPTERS)
+        if named:  # PEFT loads it at the adapter_config's "revision"
+            candidates.append(("adapter_config.json base_model_name_or_path", named,
+                               typed(cfg, "revision", str, "adapter_config.json", "a revision name", SEE_ADAPTERS)
+                               or None))
     named, base_dir = find_base(candidates, download_base=download_base)
 
-    base_config = read_json(base_dir / "config.json")
+    base_config = read_json(base_dir / "config.json", SEE_ADAPTERS)
     base_config.pop("eulerforge", None)
+    check_config(base_config, base_dir / "config.json", SEE_ADAPTERS)
     if base_config.get("quantization_config"):
-        method = (base_config["quantization_config"] or {}).get("quant_method", "quantized")
+        quant = base_config["quantization_config"]
+        method = str(quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized")[:40]
         raise fail(
             f"merge the adapter into base model {named}: its weights are {method}-quantized (QLoRA-style base), "
             "and a merge into quantized weights is not exact",
@@ -137,7 +142,8 @@ def resolve_adapter(ckpt_dir: Path, path_type: str, run_dir: Path | None, checkp
         **where(ckpt_dir, path_type, run_dir, checkpoint, resolved_cfg),
         hf_config=base_config,  # the merge planner adds what the adapter changes (untied embeddings)
         block=None,
-        backbone=backbone_of(resolved_cfg.get("backbone") or "", str(base_config.get("model_type", ""))),
+        backbone=backbone_of(typed(resolved_cfg, "backbone", str, RESOLVED, "a backbone name") or "",
+                             str(base_config.get("model_type", ""))),
         base_model=named,
         source_kind="peft_adapter",
         adapter=AdapterBase(base_dir=base_dir, adapter_config=cfg, base_config=base_config),

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SEE_LOADING, fail
-from .files import read_json
+from ..hf_model import check_config
+from .files import read_json, typed
 
 BACKBONES = ("qwen3", "llama", "gemma3")
 CHECKPOINT_DIRS = {"final": "final", "best": "checkpoint-best", "latest": "checkpoint-latest"}
 MODEL_TYPE_TO_BACKBONE = {"qwen3": "qwen3", "llama": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
+RESOLVED = "resolved_config.json"
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def _trainer_fallback(run_dir: Path, which: str) -> Path | None:
         return latest
     state_file = latest / "trainer_state.json"
     if which == "best" and state_file.is_file():
-        best = read_json(state_file).get("best_model_checkpoint")
+        best = typed(read_json(state_file), "best_model_checkpoint", str, state_file.name, "a checkpoint path")
         if best:
             candidate = run_dir / Path(str(best)).name  # absolute paths from another machine: keep the name
             if candidate.is_dir():
@@ -119,8 +121,8 @@ def choose_checkpoint(run_dir: Path, checkpoint: str | int) -> Path:
 def step_of(checkpoint_dir: Path) -> int | None:
     state = checkpoint_dir / "trainer_state.json"
     if state.is_file():
-        step = read_json(state).get("global_step")
-        if isinstance(step, int):
+        step = typed(read_json(state), "global_step", int, state.name, "an integer")
+        if step is not None:
             return step
     m = _STEP_DIR.match(checkpoint_dir.name)
     return int(m.group(1)) if m else None
@@ -129,34 +131,44 @@ def step_of(checkpoint_dir: Path) -> int | None:
 def where(ckpt_dir: Path, path_type: str, run_dir: Path | None, chosen: str | None,
           resolved_cfg: dict[str, Any]) -> dict[str, Any]:
     """The ResolvedRun fields every kind of checkpoint shares: where it is and which run it belongs to."""
+    run_name = typed(resolved_cfg, "run_name", str, RESOLVED, "a string")
     return dict(path_type=path_type, checkpoint_dir=ckpt_dir, run_dir=run_dir, checkpoint=chosen,
-                run_name=resolved_cfg.get("run_name") or (run_dir.name if run_dir else None), step=step_of(ckpt_dir))
+                run_name=run_name or (run_dir.name if run_dir else None), step=step_of(ckpt_dir))
+
+
+def model_info(resolved_cfg: dict[str, Any]) -> dict[str, Any]:
+    """resolved_config.json's ``model`` block, type-checked (``name_or_path`` names the base model)."""
+    info = typed(resolved_cfg, "model", dict, RESOLVED, "an object") or {}
+    typed(info, "name_or_path", str, f"{RESOLVED} (model)", "a model id or path")
+    return info
 
 
 def describe_checkpoint(ckpt_dir: Path, path_type: str, run_dir: Path | None, chosen: str | None,
                         resolved_cfg: dict[str, Any]) -> ResolvedRun:
     """A checkpoint with its own config.json: an EulerForge checkpoint or a plain HF model folder."""
     hf_config = read_json(ckpt_dir / "config.json")
-    ef_block = hf_config.pop("eulerforge", None)
+    ef_block = typed(hf_config, "eulerforge", dict, "config.json", "an object (the strategy block)")
+    hf_config.pop("eulerforge", None)
     block = _merge_blocks(resolved_cfg, ef_block)
-    model_type = str(hf_config.get("model_type", ""))
-    declared = (ef_block or {}).get("backbone") or resolved_cfg.get("backbone") or ""
+    model_type = check_config(hf_config, ckpt_dir / "config.json")
+    declared = (typed(ef_block or {}, "backbone", str, "config.json (eulerforge)", "a backbone name")
+                or typed(resolved_cfg, "backbone", str, RESOLVED, "a backbone name") or "")
     backbone = backbone_of(declared, model_type)
-    model_info = resolved_cfg.get("model") or {}
+    info = model_info(resolved_cfg)
     kind = "eulerforge_run" if (block is not None or resolved_cfg) else "hf_model"
     return ResolvedRun(
         **where(ckpt_dir, path_type, run_dir, chosen, resolved_cfg),
         hf_config=hf_config,
         block=block,
         backbone=backbone,
-        base_model=model_info.get("name_or_path") or hf_config.get("_name_or_path") or None,
+        base_model=info.get("name_or_path") or typed(hf_config, "_name_or_path", str, "config.json", "a string") or None,
         source_kind=kind,
     )
 
 
 def _merge_blocks(resolved_cfg: dict[str, Any], ef_block: dict[str, Any] | None) -> dict[str, Any] | None:
     """The checkpoint's own block wins over the run's (it was saved with those weights)."""
-    run_block = resolved_cfg.get("injection")
+    run_block = typed(resolved_cfg, "injection", dict, RESOLVED, "an object (the strategy block)")
     if isinstance(ef_block, dict) and isinstance(ef_block.get("injection"), dict):
         ef_block = ef_block["injection"]  # a whole resolved config stored in the checkpoint
     if ef_block is None and run_block is None:
@@ -182,3 +194,4 @@ def backbone_of(declared: str, model_type: str) -> str:
             SEE_LOADING,
         )
     return declared or from_type
+

@@ -7,14 +7,47 @@ config and weights disagree is refused before anything is read.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SEE_LOADING, fail
+from ..source.files import typed
 from ..source.run_dir import ResolvedRun
 
 STRATEGIES = ("none", "dense_lora", "moe_expert_lora", "mixture_lora")
+BLOCK = "the injection block (resolved_config.json or config.json's eulerforge)"
+
+
+def _field(block: dict[str, Any], key: str, kinds: type | tuple[type, ...], what: str) -> Any:
+    """One block field, type-checked where it is read (the error names it)."""
+    return typed(block, key, kinds, BLOCK, what)
+
+
+def _positive(block: dict[str, Any], key: str) -> int | None:
+    value = _field(block, key, int, "a positive integer")
+    if value is not None and value <= 0:
+        raise fail(f"read {BLOCK}: field {key!r} is {value}, expected a positive integer", f"fix {key!r}.", SEE_LOADING)
+    return value
+
+
+def _block_fields(block: dict[str, Any]) -> None:
+    """Check the type of every field the strategy reads, before any of them is used."""
+    _field(block, "strategy", str, "one of " + ", ".join(STRATEGIES))
+    _positive(block, "lora_r")
+    _positive(block, "num_experts")
+    _positive(block, "top_k")
+    alpha = _field(block, "lora_alpha", (int, float), "a number")
+    if alpha is not None and not math.isfinite(alpha):
+        raise fail(f"read {BLOCK}: field 'lora_alpha' is {alpha}, expected a finite number", "fix 'lora_alpha'.",
+                   SEE_LOADING)
+    _field(block, "use_rslora", bool, "true or false")
+    for key, item in (("target_modules", str), ("moe_layers", int)):
+        value = _field(block, key, list, f"a list of {'module names' if item is str else 'layer indexes'}")
+        if value is not None and not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise fail(f"read {BLOCK}: field {key!r} holds something other than "
+                       f"{'module names' if item is str else 'layer indexes'}", f"fix {key!r}.", SEE_LOADING)
 
 
 @dataclass(frozen=True)
@@ -77,6 +110,7 @@ def infer_injection(run: ResolvedRun, names: list[str], shapes: dict[str, tuple[
     """Normalise the declared block and cross-check it against the tensors (a mismatch is an error)."""
     inferred = detect_strategy(names)
     block = run.block or {}
+    _block_fields(block)
     declared = block.get("strategy")
     if declared is not None and declared not in STRATEGIES:
         raise fail(
@@ -94,7 +128,7 @@ def infer_injection(run: ResolvedRun, names: list[str], shapes: dict[str, tuple[
     if strategy == "none":
         return Injection("none")
     lora_a = [n for n in names if n.endswith("lora_A.weight")]
-    r_from_shapes = shapes[lora_a[0]][0] if lora_a else None
+    r_from_shapes = shapes[lora_a[0]][0] if lora_a and shapes[lora_a[0]] else None
     r = block.get("lora_r", r_from_shapes)
     if r_from_shapes is not None and r is not None and int(r) != r_from_shapes:
         raise fail(
@@ -130,6 +164,9 @@ def infer_injection(run: ResolvedRun, names: list[str], shapes: dict[str, tuple[
     top_k = block.get("top_k")
     if strategy == "moe_expert_lora" and top_k is None:
         raise fail("rebuild the moe_expert_lora routing: top_k is null", 'set "top_k" to the trained integer.', SEE_LOADING)
+    if top_k is not None and num_experts and top_k > num_experts:
+        raise fail(f"rebuild the {strategy} routing: top_k is {top_k} but there are only {num_experts} experts",
+                   'fix "top_k" in the injection block.', SEE_LOADING)
     moe_layers = block.get("moe_layers")
     return Injection(
         strategy=strategy,

@@ -54,10 +54,19 @@ def passthrough(r: Reader, name: str, out: str | None = None) -> PlannedTensor:
 
 
 def merged(r: Reader, base: str, a: str, b: str, scale: float, out: str) -> PlannedTensor:
+    for name in (base, a, b):
+        try:
+            r.shape(name)
+        except KeyError:
+            raise fail(f"merge {out}: tensor {name} is missing from the checkpoint",
+                       "the checkpoint is incomplete; re-save it from the training run.", SEE_LOADING) from None
     shape = r.shape(base)
-    if r.shape(a)[1] != shape[1] or r.shape(b)[0] != shape[0] or r.shape(a)[0] != r.shape(b)[1]:
+    if (any(len(r.shape(n)) != 2 for n in (base, a, b)) or not r.dtype(a).is_floating_point
+            or not r.dtype(b).is_floating_point or not r.dtype(base).is_floating_point
+            or r.shape(a)[1] != shape[1] or r.shape(b)[0] != shape[0] or r.shape(a)[0] != r.shape(b)[1]):
         raise fail(
-            f"merge {out}: base {list(shape)}, lora_A {list(r.shape(a))} and lora_B {list(r.shape(b))} do not fit",
+            f"merge {out}: base {list(shape)} {r.dtype(base)}, lora_A {list(r.shape(a))} {r.dtype(a)} and "
+            f"lora_B {list(r.shape(b))} {r.dtype(b)} do not fit (2-D float matrices W [out, in], A [r, in], B [out, r])",
             "the checkpoint is inconsistent; re-save it from the training run.",
             SEE_LOADING,
         )
@@ -76,7 +85,15 @@ def plan_plain_lora(r: Reader, scale: float, skip: Callable[[str], bool] = lambd
             module, leaf = name.split(".base_layer.")
             out = f"{module}.{leaf}"
             a, b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
-            if leaf == "weight" and a in names and b in names:
+            if leaf == "weight":
+                missing = [t.rsplit(".", 2)[-2] + ".weight" for t in (a, b) if t not in names]
+                if missing:  # treating it as un-LoRA'd would export something the run never computed
+                    raise fail(
+                        f"merge LoRA module {module}: it has base_layer.weight but no {' and no '.join(missing)}",
+                        "the checkpoint is incomplete (every LoRA module needs lora_A and lora_B); "
+                        "re-save it from the training run.",
+                        SEE_LOADING,
+                    )
                 plan.append(merged(r, name, a, b, scale, out))
             else:
                 plan.append(passthrough(r, name, out))
@@ -97,4 +114,15 @@ def plan_dense(r: Reader, inj: Injection) -> TensorPlan:
     """Layout ``dense`` for strategies none and dense_lora."""
     if inj.strategy == "none":
         return [passthrough(r, n) for n in r.names]
+    if any(".base_layer." in n for n in r.names):  # an EulerForge checkpoint: every targeted Linear is LoRA'd
+        targets = set(inj.target_modules)
+        plain = [n for n in r.names if n.endswith(".weight") and n.count(".") >= 2
+                 and n.rsplit(".", 2)[-2] in targets and ".layers." in n]
+        if plain:
+            raise fail(
+                f"merge LoRA: {plain[0].rsplit('.', 1)[0]} is in target_modules but has no LoRA tensors "
+                f"({len(plain)} such modules)",
+                "the checkpoint is incomplete or target_modules is wrong; re-save it from the training run.",
+                SEE_LOADING,
+            )
     return plan_plain_lora(r, inj.scale)

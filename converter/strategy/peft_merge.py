@@ -259,6 +259,7 @@ def plan_adapter_merge(cfg: dict[str, Any], base_config: dict[str, Any], base: T
                            "so PEFT cannot merge it either", "retrain with lora_bias=False.")
             outputs[bias].ops.append(_Op(module, "bias", {"bias": parts["lora_B.bias"]}, scale))
         lora_modules[module] = op.kind
+    check_coverage(cfg, layout, modules)
 
     injection = Injection(
         strategy="dense_lora",
@@ -268,6 +269,28 @@ def plan_adapter_merge(cfg: dict[str, Any], base_config: dict[str, Any], base: T
         target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in lora_modules})),
     )
     return AdapterMerge(cfg, outputs, injection, config_updates, lora_modules, replaced)
+
+
+def check_coverage(cfg: dict[str, Any], layout: Any, modules: dict[str, dict[str, str]]) -> None:
+    """Every layer target_modules selects has its LoRA weights: PEFT would have trained (and saved) them all.
+
+    A module selected but absent from the adapter would be exported unchanged, computing
+    something the adapter never did; an adapter whose targets select nothing in this base
+    is one PEFT itself refuses to load.
+    """
+    if cfg.get("target_modules") is None:
+        return
+    selected = [m for m, kind in layout.kinds.items()
+                if kind in ("linear", "conv1d", "embedding") and match_target(cfg, m, layout)]
+    if not selected:
+        raise _bad(f"adapter_config.json's target_modules {str(cfg['target_modules'])[:60]} select no layer of the "
+                   "base model")
+    missing = [m for m in selected if m not in modules]
+    if missing:
+        raise _bad(f"adapter_config.json's target_modules select {missing[0]} but the adapter has no LoRA weights for "
+                   f"it ({len(missing)} such modules)",
+                   "re-save the adapter with PEFT's save_pretrained(), or pass --base-model with the model it was "
+                   "trained on.")
 
 
 def merged_reader(merge: AdapterMerge, base: TensorSource, adapter: TensorSource) -> Reader:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import fail
 from ..hf_model import meta_model
@@ -96,10 +97,64 @@ def check_adapter_config(cfg: dict[str, Any], where: str = "adapter_config.json"
                 "or merge with PEFT's merge_and_unload().",
                 SEE_ADAPTERS,
             )
-    r = cfg.get("r")
-    if not isinstance(r, int) or r <= 0 or not isinstance(cfg.get("lora_alpha", 8), (int, float)):
-        raise fail(f"merge the LoRA adapter: r={_short(r)} / lora_alpha={_short(cfg.get('lora_alpha'))} in {where} "
-                   "are not a positive rank and a number", f"repair {where}.", SEE_ADAPTERS)
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha", 8)
+    if not _rank(r) or not _number(alpha):
+        raise fail(f"merge the LoRA adapter: r={_short(r)} / lora_alpha={_short(alpha)} in {where} "
+                   "are not a positive rank and a finite number", f"repair {where}.", SEE_ADAPTERS)
+    check_option_types(cfg, where)
+
+
+def _rank(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _names(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+def _regex(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
+
+
+# Every option the merge reads: what it must be (a value of another type is named, not a traceback).
+_OPTION_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
+    "fan_in_fan_out": ("true or false", lambda v: isinstance(v, bool)),
+    "lora_bias": ("true or false", lambda v: isinstance(v, bool)),
+    "ensure_weight_tying": ("true or false", lambda v: isinstance(v, bool)),
+    "target_modules": ("a list of module names or a regular expression",
+                       lambda v: (isinstance(v, str) and _regex(v)) or (_names(v) and all(map(_regex, v)))),
+    "exclude_modules": ("a list of module names or a regular expression",
+                        lambda v: (isinstance(v, str) and _regex(v)) or _names(v)),
+    "modules_to_save": ("a list of module names", lambda v: _names(v) and all(map(_regex, v))),
+    "layers_to_transform": ("a layer index or a list of them",
+                            lambda v: (isinstance(v, int) and not isinstance(v, bool))
+                            or (isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v))),
+    "layers_pattern": ("a name or a list of names",
+                       lambda v: (isinstance(v, str) and _regex(v)) or (_names(v) and all(map(_regex, v)))),
+    "rank_pattern": ("an object of pattern: rank",
+                     lambda v: isinstance(v, dict) and all(_regex(k) and _rank(x) for k, x in v.items())),
+    "alpha_pattern": ("an object of pattern: alpha",
+                      lambda v: isinstance(v, dict) and all(_regex(k) and _number(x) for k, x in v.items())),
+}
+
+
+def check_option_types(cfg: dict[str, Any], where: str = "adapter_config.json") -> None:
+    """Each option the merge reads has the type PEFT gives it (patterns are valid regular expressions)."""
+    for key, (what, ok) in _OPTION_TYPES.items():
+        value = cfg.get(key)
+        if value is not None and not ok(value):
+            raise fail(f"merge the LoRA adapter: option {key}={_short(value)} in {where} is not {what}",
+                       f"fix {key} in {where} (as PEFT's LoraConfig would save it).", SEE_ADAPTERS)
 
 
 def _truthy(value: Any) -> bool:
@@ -107,7 +162,10 @@ def _truthy(value: Any) -> bool:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    try:
+        text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    except (RecursionError, ValueError):
+        text = type(value).__name__
     return text if len(text) <= 60 else text[:57] + "..."
 
 
