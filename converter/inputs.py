@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import fail
+from .manifest import MANIFEST
 
 SEE = "docs: README.md#artifacts-as-inputs"
-MANIFEST = "efexport.json"
 
 
 def _json(path: Path) -> dict[str, Any] | None:
