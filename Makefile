@@ -34,7 +34,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@if ! $(PY) -m pip --version >/dev/null 2>&1; then \
 	    echo "$(PYTHON) -m venv $(VENV)"; $(PYTHON) -m venv $(VENV); fi
-	@echo "Installing efexport into $(VENV) (the first time compiles llama.cpp: about 6 minutes on 2 cores)"
+	@echo "Installing efexport into $(VENV) (the first time compiles llama.cpp: about 10 minutes on 2 cores)"
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet -e '.[test,gguf]'
