@@ -5,6 +5,7 @@
         + merge_and_unload() + save_pretrained(O)
     python benchmarks/baselines.py tf-int4 --model M --out O [--max-shard-size 1GB]
         from_pretrained(M, quantization_config=BitsAndBytesConfig(nf4, double quant, bf16 compute))
+    python benchmarks/baselines.py tf-int8 ...   (the same with BitsAndBytesConfig(load_in_8bit=True))
         + save_pretrained(O)
     python benchmarks/baselines.py from-pretrained DIR       AutoModelForCausalLM.from_pretrained(DIR)
     python benchmarks/baselines.py convert-gguf --llama-cpp L --pre qwen2 MODEL --outtype q8_0 --outfile F
@@ -114,8 +115,11 @@ def tf_int4(args) -> dict:
 
     _quiet()
     phases = {"import": time.perf_counter() - T0}
-    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                            bnb_4bit_compute_dtype=torch.bfloat16)
+    if args.cmd == "tf-int8":
+        qc = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=qc, device_map="cpu")
     phases["load_quantize"] = time.perf_counter() - t
@@ -177,17 +181,18 @@ def main() -> None:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("type", choices=["q4_k_m", "q5_k_m", "q6_k"])
-    p = sub.add_parser("tf-int4")
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--max-shard-size", default="1GB")
+    for name in ("tf-int4", "tf-int8"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", required=True)
+        p.add_argument("--out", required=True)
+        p.add_argument("--max-shard-size", default="1GB")
     p = sub.add_parser("from-pretrained")
     p.add_argument("dir")
     p = sub.add_parser("load-artifact")
     p.add_argument("dir")
     p.add_argument("--no-verify", action="store_true")
     args = ap.parse_args()
-    fn = {"peft-merge": peft_merge, "tf-int4": tf_int4, "from-pretrained": from_pretrained,
+    fn = {"peft-merge": peft_merge, "tf-int4": tf_int4, "tf-int8": tf_int4, "from-pretrained": from_pretrained,
           "load-artifact": load_artifact, "convert-gguf": convert_gguf, "quantize-gguf": quantize_gguf}[args.cmd]
     phases = fn(args)
     print(json.dumps({"phases": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in phases.items()}}))

@@ -303,7 +303,8 @@ def task_commands(p: dict[str, Path], a: dict[str, Path], out: Path, shard: str,
                   llama_cpp: Path | None = None) -> dict[str, tuple[list[str], list[Path]]]:
     """task -> (command, inputs to pre-read)."""
     run, ckpt = str(p["run"]), str(p["checkpoint"])
-    gguf = lambda t: [EFEXPORT, run, "--format", "gguf", "--precision", t, "--out", str(out), "--quiet", "--no-verify"]  # noqa: E731
+    gguf = lambda t, verify=False: [EFEXPORT, run, "--format", "gguf", "--precision", t, "--out", str(out),  # noqa: E731
+                                    "--quiet"] + ([] if verify else ["--no-verify"])
     chains = gguf_chains(p, out, llama_cpp) if llama_cpp else {}
     efx = lambda prec, verify: [EFEXPORT, run, "--out", str(out), "--precision", prec, "--max-shard-size", shard,  # noqa: E731
                                 "--quiet"] + ([] if verify else ["--no-verify"])
@@ -316,6 +317,9 @@ def task_commands(p: dict[str, Path], a: dict[str, Path], out: Path, shard: str,
                        "--out", str(out), "--max-shard-size", shard], [p["base"], p["adapter"]]),
         "efx_int4": (efx("int4", False), [p["run"]]),
         "efx_int4_parity": (efx("int4", True), [p["run"]]),
+        "efx_int8": (efx("int8", False), [p["run"]]),
+        "tf_int8": ([PY, BASELINES, "tf-int8", "--model", str(a["merged"]), "--out", str(out),
+                     "--max-shard-size", shard], [a["merged"]]),
         "tf_int4": ([PY, BASELINES, "tf-int4", "--model", str(a["merged"]), "--out", str(out),
                      "--max-shard-size", shard], [a["merged"]]),
         "load_artifact_bf16": ([PY, BASELINES, "load-artifact", str(a["art_bf16"])], [a["art_bf16"]]),
@@ -324,6 +328,7 @@ def task_commands(p: dict[str, Path], a: dict[str, Path], out: Path, shard: str,
         "load_artifact_int4": ([PY, BASELINES, "load-artifact", str(a["art_int4"])], [a["art_int4"]]),
         "from_pretrained_int4": ([PY, BASELINES, "from-pretrained", str(a["art_int4"])], [a["art_int4"]]),
         "efx_gguf_q8_0": (gguf("q8_0"), [p["run"]]),
+        "efx_gguf_q8_0_parity": (gguf("q8_0", True), [p["run"]]),
         "efx_gguf_q4_k_m": (gguf("q4_k_m"), [p["run"]]),
         "quantize_only_q4_k_m": (["sh", "-c", f'mkdir -p "{out}" && "{PY}" "{BASELINES}" quantize-gguf '
                                   f'"{a.get("gguf_f16", "")}" "{out / "model-Q4_K_M.gguf"}" q4_k_m'],

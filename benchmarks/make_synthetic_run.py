@@ -46,12 +46,16 @@ SIZES: dict[str, dict] = {
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128),
     "1.7b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+    # Qwen3-8B's shape (untied head, as that model has): ~16 GB of bfloat16; made with --run-only
+    "8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128),
 }
+TIED = {"tiny": True, "0.6b": True, "1.7b": True, "8b": False}
 # Shard size of the synthetic checkpoints (and the --max-shard-size the benchmarks ask for).
-SHARD_SIZE = {"tiny": "200KB", "0.6b": "1GB", "1.7b": "1GB"}
+SHARD_SIZE = {"tiny": "200KB", "0.6b": "1GB", "1.7b": "1GB", "8b": "4GB"}
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_R, LORA_ALPHA = 16, 32.0
-HF_NAME = {"tiny": "Qwen/Qwen3-0.6B", "0.6b": "Qwen/Qwen3-0.6B", "1.7b": "Qwen/Qwen3-1.7B"}
+HF_NAME = {"tiny": "Qwen/Qwen3-0.6B", "0.6b": "Qwen/Qwen3-0.6B", "1.7b": "Qwen/Qwen3-1.7B", "8b": "Qwen/Qwen3-8B"}
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2  # the test fixture tokenizer's ids
 CHUNK_ELEMS = 4 * 1024 * 1024  # rows generated per step: <= 16 MB of float32
 
@@ -76,7 +80,7 @@ def hf_config(size: str) -> dict:
         max_position_embeddings=40960,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         attention_bias=False,
-        tie_word_embeddings=True,
+        tie_word_embeddings=TIED[size],
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
@@ -237,8 +241,8 @@ def generation_config() -> dict:
 
 
 def make(size: str, out: Path, seed: int = 0, max_shard_size: str | None = None,
-         log: Callable[[str], None] = print) -> dict[str, Path]:
-    """Write run/, base/ and adapter/ under ``out``; returns their paths."""
+         log: Callable[[str], None] = print, run_only: bool = False) -> dict[str, Path]:
+    """Write run/, base/ and adapter/ under ``out`` (only run/ with ``run_only``); returns their paths."""
     out = Path(out)
     max_shard = parse_size(max_shard_size or SHARD_SIZE[size])
     config = hf_config(size)
@@ -261,6 +265,9 @@ def make(size: str, out: Path, seed: int = 0, max_shard_size: str | None = None,
         "run_name": f"bench_{size}",
     })
     log(f"  run/      {_du(run) / 1e9:.2f} GB in {time.time() - t0:.1f}s")
+    if run_only:
+        base.rmdir(), adapter.rmdir()
+        return {"run": run, "checkpoint": ckpt}
 
     t0 = time.time()
     _json(base / "config.json", config)
@@ -292,8 +299,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder to write run/, base/ and adapter/ into")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-shard-size", default=None, help="default: 1GB (200KB for tiny)")
+    ap.add_argument("--run-only", action="store_true", help="only run/ (no base model and adapter for the baselines)")
     args = ap.parse_args()
-    paths = make(args.size, args.out, args.seed, args.max_shard_size)
+    paths = make(args.size, args.out, args.seed, args.max_shard_size, run_only=args.run_only)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 

@@ -23,6 +23,17 @@ SIZE_ORDER = ["tiny", "0.6b", "1.7b"]
 RATIO_TARGETS = [
     ("bf16_wall_vs_peft", "efx_bf16", "peft_bf16", "wall_s", 0.5, None, "bf16 export wall <= 0.5x PEFT path"),
     ("bf16_wall_vs_cp", "efx_bf16", "cp", "wall_s", 2.0, None, "bf16 export wall <= 2x cp -r"),
+    ("bf16_wall_vs_cp_sync", "efx_bf16", "cp_sync", "wall_s", 2.0, ("1.7b",), "bf16 export wall <= 2x cp -r && sync (at 1.7B)"),
+    ("bf16_parity_wall_vs_noverify", "efx_bf16_parity", "efx_bf16", "wall_s", 1.5, None,
+     "bf16 export with parity wall <= 1.5x --no-verify"),
+    ("int4_parity_wall_vs_noverify", "efx_int4_parity", "efx_int4", "wall_s", 1.5, None,
+     "int4 export with parity wall <= 1.5x --no-verify"),
+    ("int8_wall_vs_tf", "efx_int8", "tf_int8", "wall_s", 0.5, None, "int8 export wall <= 0.5x transformers"),
+    ("int8_rss_vs_tf", "efx_int8", "tf_int8", "peak_rss_mib", 0.25, None, "int8 export peak RSS <= 0.25x transformers"),
+    ("gguf_q8_0_parity_wall_vs_noverify", "efx_gguf_q8_0_parity", "efx_gguf_q8_0", "wall_s", 1.5, None,
+     "GGUF q8_0 export with llama.cpp parity wall <= 1.5x --no-verify"),
+    ("gguf_q4_k_m_rss_vs_q8_0", "efx_gguf_q4_k_m", "efx_gguf_q8_0", "peak_rss_mib", 1.0, None,
+     "GGUF q4_k_m export peak RSS <= q8_0's"),
     ("bf16_rss_vs_peft", "efx_bf16", "peft_bf16", "peak_rss_mib", 0.25, ("1.7b",), "bf16 export peak RSS <= 0.25x PEFT path (at 1.7B)"),
     ("int4_wall_vs_tf", "efx_int4", "tf_int4", "wall_s", 0.5, None, "int4 export wall <= 0.5x transformers"),
     ("int4_rss_vs_tf", "efx_int4", "tf_int4", "peak_rss_mib", 0.25, None, "int4 export peak RSS <= 0.25x transformers"),
@@ -40,7 +51,8 @@ RATIO_TARGETS = [
     ("gguf_q4_k_m_rss_vs_llamacpp", "efx_gguf_q4_k_m", "llamacpp_q4_k_m", "peak_rss_mib", 0.5, None,
      "GGUF q4_k_m export peak RSS far under (<= 0.5x) the PEFT + convert + quantize path"),
 ]
-FLAT_TASKS = {"efx_bf16": "bf16", "efx_int4": "int4", "efx_gguf_q8_0": "GGUF q8_0", "efx_gguf_q4_k_m": "GGUF q4_k_m"}
+FLAT_TASKS = {"efx_bf16": "bf16", "efx_int4": "int4", "efx_gguf_q8_0": "GGUF q8_0", "efx_gguf_q4_k_m": "GGUF q4_k_m",
+              "efx_bf16_parity": "bf16 with parity", "efx_int4_parity": "int4 with parity"}
 FLAT_LIMIT = 1.25  # "about flat": efexport's peak RSS grows at most 25% from 0.6B to 1.7B (the model grows 2.9x)
 
 
@@ -81,11 +93,11 @@ def targets(results: dict[str, dict]) -> list[dict]:
     rows = []
     for size, r in results.items():
         bound = (r["largest_source_shard_bytes"] + GIB) / 2**20
-        for task in ("efx_bf16", "efx_int4"):
+        for task in ("efx_bf16", "efx_int4", "efx_bf16_parity", "efx_int4_parity", "efx_gguf_q8_0_parity"):
             v = _med(r, task, "peak_rss_mib")
             if v is not None:
                 rows.append({"size": size, "target": f"{task}_rss_vs_shard_bound",
-                             "text": f"{'bf16' if 'bf16' in task else 'int4'} export peak RSS <= largest shard + 1 GiB",
+                             "text": f"{TASKS[task][1]}: peak RSS <= largest shard + 1 GiB",
                              "value": round(v / bound, 3), "limit": 1.0, "detail": f"{v:.0f} MiB vs {bound:.0f} MiB",
                              "met": v <= bound})
         for name, num, den, metric, limit, only, text in RATIO_TARGETS:

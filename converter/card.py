@@ -102,6 +102,8 @@ def render_card(template, record: dict[str, Any], *, license: str | None = None,
         "repo_ref": repo_ref,
         "repo_name": repo_ref.rsplit("/", 1)[-1],
         "gguf_file": next((k for k in record["files"] if k.endswith(".gguf")), ""),
+        "vocabulary": record.get("vocabulary") or {},
+        "vocabulary_notes": vocabulary_notes(record),
         **(extra or {}),
     }
     try:
@@ -136,6 +138,25 @@ def parameters_text(record: dict[str, Any]) -> str:
     if not n:
         return "unknown"
     return f"{n:,}" + (" (the adapter's LoRA factors)" if record["layout"] == "peft_adapter" else "")
+
+
+def vocabulary_notes(record: dict[str, Any]) -> list[str]:
+    """What a resized vocabulary or untied embeddings change for the user (``record["vocabulary"]``)."""
+    v, notes = record.get("vocabulary") or {}, []
+    if v.get("size"):
+        notes.append(f"The vocabulary was resized from {v['base_size']:,} to {v['size']:,} rows for tokens added in "
+                     "training; the tokenizer shipped here has them, with their special flags and chat template.")
+        if record["layout"] == "peft_adapter":
+            notes.append("The adapter carries the whole embedding and head (`modules_to_save`): resize the base to "
+                         "the tokenizer (`base.resize_token_embeddings(len(tokenizer))`) before "
+                         "`PeftModel.from_pretrained`.")
+            notes.append("vLLM needs the new tokens' embedding in the adapter in a form its LoRA loader takes, or a "
+                         "merged model: serve a merged export (`--format hf`) of this run with vLLM.")
+    if v.get("untied"):
+        notes.append("The base ties its output head to its input embedding; the adapter trains them as separate "
+                     "layers (`modules_to_save`), so this model keeps them apart (`tie_word_embeddings: false`), "
+                     "as PEFT's `merge_and_unload()` does.")
+    return notes
 
 
 def parity_gate(record: dict[str, Any]) -> str:

@@ -120,6 +120,8 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Check everything and print the plan; write nothing.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check after writing.")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID", help="Publish the artifact to this Hub repo.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="CPU threads for the whole export (quantizing, merging). Default: all cores.")
 @_hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
@@ -129,7 +131,7 @@ def export_cmd(run: str, out: Path, checkpoint: str, precision: str | None, fmt:
                template: Path | None,
                license_: str | None, name: str | None, force: bool, dry_run: bool, no_verify: bool,
                push_to_hub: str | None, private: bool, revision: str | None, commit_message: str | None,
-               token: str | None, endpoint: str | None, as_json: bool, quiet: bool) -> None:
+               token: str | None, endpoint: str | None, as_json: bool, quiet: bool, threads: int | None) -> None:
     """Export RUN (run dir, checkpoint dir, PEFT adapter or HF folder) to --out."""
     from .export import ExportOptions, PushOptions, export
     from .export.api import PushFailed
@@ -141,7 +143,7 @@ def export_cmd(run: str, out: Path, checkpoint: str, precision: str | None, fmt:
     opts = ExportOptions(run=run, out=out, checkpoint=checkpoint, precision=precision, fmt=fmt, moe_layout=moe_layout,
                          max_shard_size=max_shard_size, template=template, force=force, dry_run=dry_run,
                          verify=not no_verify, base_model=base_model, download_base=download_base, license=license_, name=name, push=push,
-                         progress=not quiet)
+                         progress=not quiet, threads=threads)
     try:
         result = export(opts)
     except PushFailed as exc:

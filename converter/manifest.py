@@ -134,17 +134,32 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
     Sizes and stray files are checked first (cheap); then the files are hashed on two
     threads (hashlib releases the GIL), so verifying costs about half a sequential read.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     folder = Path(folder)
     check_present(folder, manifest)
     listed = manifest.get("files") or {}
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="efexport-verify") as pool:
-        digests = dict(zip(listed, pool.map(lambda rel: sha256_file(folder / rel), listed)))
-    for rel, entry in listed.items():
-        if digests[rel] != entry["sha256"]:
+    check_digests(listed, hash_listed(folder, list(listed)))
+
+
+def hash_listed(folder: Path, names: list[str], workers: int = 2) -> dict[str, str]:
+    """sha256 of each named file (relative paths already checked by :func:`check_listing`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not names:
+        return {}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="efexport-verify") as pool:
+        return dict(zip(names, pool.map(lambda rel: sha256_file(Path(folder) / rel), names)))
+
+
+def check_digests(listed: dict[str, dict[str, Any]], digests: dict[str, str]) -> None:
+    """Raise the three-line error for the first hashed file whose digest is not the listed one."""
+    for rel in sorted(digests):
+        if digests[rel] != listed[rel]["sha256"]:
             raise fail(f"verify {rel}: its sha256 differs from efexport.json (the file was changed)",
                        "re-download or re-export the artifact.", SEE)
+
+
+def is_weight_file(rel: str) -> bool:
+    return rel.endswith(WEIGHT_SUFFIXES)
 
 
 def verify_folder(folder: Path) -> dict[str, Any]:

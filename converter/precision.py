@@ -1,11 +1,12 @@
 """Precision stage: cast or quantize planned tensors, one at a time.
 
-Quantization uses bitsandbytes' own functions, exactly as ``Params4bit._quantize`` and
-``Int8Params._quantize`` call them, so the bytes equal what transformers produces when
-it quantizes the same weights; the tensor names are the ones transformers writes for a
-bitsandbytes model (``save_pretrained``). Shapes of every output are known before any
-data is read, except the small JSON blob of a 4-bit quant state, whose planned shape is
-an upper bound (the writer records the real one).
+Quantization uses efexport's encoders (:mod:`converter.encoders`), which write byte for
+byte what bitsandbytes' CPU path writes when ``Params4bit._quantize`` and
+``Int8Params._quantize`` call it, so the bytes equal what transformers produces when it
+quantizes the same weights (only faster, on every core); the tensor names are the ones
+transformers writes for a bitsandbytes model (``save_pretrained``). Shapes of every output
+are known before any data is read, except the small JSON blob of a 4-bit quant state,
+whose planned shape is an upper bound (the writer records the real one).
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from typing import Any, Callable
 
 import torch
 
+from .encoders import BLOCKSIZE as BLOCKSIZE_4BIT
+from .encoders import NESTED_BLOCKSIZE, encode_int8, encode_nf4
 from .errors import fail
 from .plan import PlannedTensor, TensorPlan
 from .quiet import quiet_libraries
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BLOCKSIZE_4BIT = 64
-NESTED_BLOCKSIZE = 256
 SEE_PRECISION = "docs: README.md#precisions"
 
 
@@ -56,11 +57,22 @@ def quantization_record(precision: str | None) -> dict[str, Any] | None:
     return None
 
 
-def require_bitsandbytes(precision: str | None) -> None:
-    """Fail early, in the three-line form, when a quantized precision cannot run here."""
+def require_bitsandbytes(precision: str | None, run_it: bool = True) -> None:
+    """Fail early, in the three-line form, when a quantized precision cannot run here.
+
+    ``run_it=False`` (an export that never runs the quantized model: ``--no-verify``) only
+    checks that the package is installed: efexport's own encoders write the bytes, and
+    importing bitsandbytes costs seconds.
+    """
     if precision not in ("int4", "int8"):
         return
     try:
+        if not run_it:
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ImportError("bitsandbytes")
+            return
         with quiet_libraries():  # the first import logs about optional kernels
             import bitsandbytes  # noqa: F401
     except Exception as exc:  # ImportError, or a broken native library
@@ -90,18 +102,10 @@ def base_dtype(precision: str | None) -> torch.dtype | None:
     return FLOAT_DTYPES.get(precision, torch.bfloat16)
 
 
-# -- quantizers (bitsandbytes' own calls) ---------------------------------------
+# -- quantizers (bitsandbytes' bytes, see converter/encoders.py) ------------------
 def quantize_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """NF4 + double quant, bf16 input, as Params4bit._quantize does it; keys without the 'weight' prefix."""
-    import bitsandbytes.functional as bnbf
-
-    w = weight.to(torch.bfloat16).contiguous()
-    packed, state = bnbf.quantize_4bit(
-        w, blocksize=BLOCKSIZE_4BIT, compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8
-    )
-    out = {"": packed}
-    out.update({f".{k}": v for k, v in state.as_dict(packed=True).items()})
-    return out
+    return encode_nf4(weight.contiguous())
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +114,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Quantized artifacts are "the bf16 export, quantized": the weight is rounded to bf16
     first (as transformers sees it when loading a bf16 folder), then to fp16 for bnb.
     """
-    import bitsandbytes.functional as bnbf
-
-    cb, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.bfloat16).to(torch.float16).contiguous())
-    return cb, scb
+    return encode_int8(weight.contiguous())
 
 
 def _nf4_blob_bound(shape: tuple[int, ...]) -> int:

@@ -4,8 +4,8 @@ Import-light on purpose: torch, safetensors and transformers only; bitsandbytes 
 when the artifact is quantized; huggingface_hub only when given a Hub repo id. It never
 imports click, jinja2 or peft, so it can ship inside a serving image as it is.
 
-Every file is checked against efexport.json (size and sha256) before anything is
-loaded. ``dense`` and ``moe`` layouts load through ``AutoModelForCausalLM``;
+Every file is checked against efexport.json (size and sha256): small files before
+anything is used, weight files while they are read (no model is returned unverified). ``dense`` and ``moe`` layouts load through ``AutoModelForCausalLM``;
 ``compact`` layouts are built from efexport's own module code (never
 ``trust_remote_code``).
 """
@@ -19,7 +19,7 @@ import torch
 
 from .errors import fail
 from .loaded import LoadedModel, ModelMetadata, load_tokenizer, resolve_device, resolve_float_dtype
-from .manifest import read_manifest, verify_files
+from .manifest import check_digests, check_present, hash_listed, is_weight_file, read_manifest
 from .quiet import quiet_libraries
 
 SEE = "docs: README.md#loading-an-artifact"
@@ -127,6 +127,7 @@ def load_artifact(
     endpoint: str | None = None,
 ) -> LoadedModel:
     """Load an exported artifact (folder or Hub repo id), verified, in eval mode."""
+    dev, float_dtype = resolve_device(device), resolve_float_dtype(dtype, None)  # before any download or hashing
     folder = _local_folder(path, revision, token, endpoint)
     manifest = read_manifest(folder)
     layout = manifest.get("layout")
@@ -136,10 +137,11 @@ def load_artifact(
             "GGUF artifacts load in llama.cpp / Ollama / LM Studio; PEFT adapters with PeftModel.from_pretrained(base, DIR).",
             SEE,
         )
-    dev, float_dtype = resolve_device(device), resolve_float_dtype(dtype, None)  # bad arguments fail before hashing
     precision = manifest.get("precision")
-    tokenizer = _verified_while_preparing(folder, manifest, layout, precision) if verify else load_tokenizer(folder)
-    model = load_weights(folder, layout, precision, dev, float_dtype)
+    if verify:
+        tokenizer, model = _load_verified(folder, manifest, layout, precision, dev, float_dtype)
+    else:
+        tokenizer, model = load_tokenizer(folder), load_weights(folder, layout, precision, dev, float_dtype)
     meta = ModelMetadata(
         strategy=manifest.get("strategy") or "none",
         backbone=manifest.get("backbone") or "",
@@ -152,43 +154,30 @@ def load_artifact(
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, metadata=meta)
 
 
-def _verified_while_preparing(folder: Path, manifest: dict[str, Any], layout: str, precision: str | None) -> Any:
-    """Hash every file (threads: hashlib releases the GIL) while the main thread does what needs no weights.
+def _load_verified(folder: Path, manifest: dict[str, Any], layout: str, precision: str | None, dev: torch.device,
+                   float_dtype: torch.dtype | None) -> tuple[Any, torch.nn.Module]:
+    """Load while the weight files are hashed, one pass over their bytes; return nothing unverified.
 
-    The imports the load needs (transformers' model class, bitsandbytes) and the tokenizer run
-    meanwhile; no weight is read before every digest matched, and a mismatch is the error raised
-    (whatever the preparation ran into). Returns the tokenizer.
+    Sizes, stray files and every small file (config, tokenizer, code) are checked before
+    anything is used. The weight files are then hashed on two threads (hashlib releases
+    the GIL) while this thread reads the same pages into the model, so each file is read
+    from disk once; a changed file is the error raised, whatever the load ran into, and the
+    model built from it is dropped unreturned. Weight files are only ever parsed as
+    safetensors (headers validated first by :func:`check_weights`), never executed.
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    check_present(folder, manifest)
+    listed = manifest["files"]
+    weights = [rel for rel in listed if is_weight_file(rel)]
+    check_digests(listed, hash_listed(folder, [rel for rel in listed if rel not in weights]))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="efexport-verify") as pool:
-        hashed = pool.submit(verify_files, folder, manifest)
+        hashed = pool.submit(hash_listed, folder, weights, 2)  # the load itself is mostly imports and mmap
         try:
-            _import_loader(folder, layout, precision)
             tokenizer = load_tokenizer(folder)
+            model = load_weights(folder, layout, precision, dev, float_dtype)
         except Exception:
-            hashed.result()  # a changed file explains the failure better
+            check_digests(listed, hashed.result())  # a changed file explains the failure better
             raise
-        hashed.result()
-    return tokenizer
-
-
-def _import_loader(folder: Path, layout: str, precision: str | None) -> None:
-    """Import the modules load_weights will use (seconds in a fresh process), touching no weights."""
-    import json
-
-    if precision in ("int4", "int8"):
-        with quiet_libraries():
-            import bitsandbytes  # noqa: F401
-    if layout == "compact":
-        return
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        return
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
-    if isinstance(name, str):
-        getattr(transformers, name, None)
+        check_digests(listed, hashed.result())
+    return tokenizer, model

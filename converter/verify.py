@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .errors import EfexportError
-from .manifest import read_manifest, verify_files
+from .manifest import check_digests, check_present, hash_listed, is_weight_file, read_manifest
 from .quiet import quiet_libraries
 
 MISMATCH = ("Cannot reproduce the logits recorded at export\n"
@@ -27,42 +27,65 @@ class Skipped(Exception):
 
 
 def verify_artifact(folder: Path, *, parity: bool = True, base_model: str | None = None) -> dict[str, Any]:
-    """A report dict; ``ok`` is False on any failure (the CLI exits non-zero then)."""
+    """A report dict; ``ok`` is False on any failure (the CLI exits non-zero then).
+
+    Each file is read once: the weight files are hashed on a thread while the reload reads
+    the same pages, and a changed file is reported instead of whatever the reload found.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     folder = Path(folder)
     report: dict[str, Any] = {"artifact": str(folder), "ok": False, "files_checked": 0}
     try:
         manifest = read_manifest(folder)
-        verify_files(folder, manifest)
+        check_present(folder, manifest)
+        listed = manifest["files"]
+        weights = [rel for rel in listed if is_weight_file(rel)]
+        check_digests(listed, hash_listed(folder, [rel for rel in listed if rel not in weights]))
         if manifest.get("layout") in ("dense", "moe", "compact"):
             from .runtime import check_weights
 
             check_weights(folder)  # config.json and every safetensors header, as load_artifact checks them
+        recorded = manifest.get("parity") or {}
+        rerun = parity and "artifact_fingerprint" in recorded
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="efexport-verify") as pool:
+            hashed = pool.submit(hash_listed, folder, weights, 1 if rerun else 2)
+            try:
+                reloaded = _reload(folder, manifest, base_model) if rerun else None
+            except Exception:
+                check_digests(listed, hashed.result())  # a changed file explains a failed reload better
+                raise
+            check_digests(listed, hashed.result())
     except EfexportError as exc:
         report["error"] = str(exc)
         return report
-    report["files_checked"] = len(manifest.get("files") or {})
+    report["files_checked"] = len(listed)
     report["layout"], report["precision"] = manifest.get("layout"), manifest.get("precision")
     report["dtype"] = manifest.get("dtype")
-    recorded = manifest.get("parity") or {}
     report["recorded"] = {k: v for k, v in recorded.items() if k != "artifact_fingerprint" and k != "probe_ids"}
     report["ok"] = True
     if not parity:
         report["parity"] = {"skipped": "--no-parity (files only)"}
-        return report
-    if "artifact_fingerprint" not in recorded:
+    elif not rerun:
         why = recorded.get("skipped") or "efexport.json records none"
         report["parity"] = {"recorded": None, "skipped": f"no logits were recorded at export ({why})"}
-        return report
-    try:
-        engine, logits = reload_logits(folder, manifest, base_model)
-    except Skipped as why:
-        report["parity"] = {"recorded": recorded.get("max_abs_logit_diff"), "skipped": str(why)}
-        return report
-    report["parity"] = compare_with_record(recorded, logits, engine)
-    if not report["parity"]["ok"]:
-        report["ok"] = False
-        report["error"] = MISMATCH
+    elif isinstance(reloaded, Skipped):
+        report["parity"] = {"recorded": recorded.get("max_abs_logit_diff"), "skipped": str(reloaded)}
+    else:
+        engine, logits = reloaded
+        report["parity"] = compare_with_record(recorded, logits, engine)
+        if not report["parity"]["ok"]:
+            report["ok"] = False
+            report["error"] = MISMATCH
     return report
+
+
+def _reload(folder: Path, manifest: dict[str, Any], base_model: str | None) -> Any:
+    """(engine, logits) from :func:`reload_logits`, or the Skipped reason."""
+    try:
+        return reload_logits(folder, manifest, base_model)
+    except Skipped as why:
+        return why
 
 
 def compare_with_record(recorded: dict[str, Any], logits: list[torch.Tensor], engine: str) -> dict[str, Any]:
@@ -92,7 +115,7 @@ def reload_logits(folder: Path, manifest: dict[str, Any], base_model: str | None
 
 def hf_logits(folder: Path) -> tuple[str, list[torch.Tensor]]:
     """dense / moe / compact: the files read a decoder layer at a time as the runtime loader reads them
-    (no more memory than the export took; files were verified just before)."""
+    (no more memory than the export took; the files are hashed meanwhile)."""
     from .loaded import load_tokenizer
     from .parity import logits_of, probe_batches
     from .streaming import artifact_stream

@@ -454,10 +454,12 @@ def test_device_auto_and_dtype_override(lab, monkeypatch):
                              lab.reference("llama", "mixture_lora"))
     assert rel <= LOOSE["bf16"][0] and top1 >= LOOSE["bf16"][1], (rel, top1)
     hashed = []
-    monkeypatch.setattr(runtime, "verify_files", lambda *a: hashed.append(a))
-    with pytest.raises(EfexportError) as err:
-        load_artifact(folder, dtype="float8")
-    assert "dtype 'float8'" in three_lines(err.value)[0] and hashed == []  # refused before hashing gigabytes
+    monkeypatch.setattr(runtime, "hash_listed", lambda *a: hashed.append(a))
+    monkeypatch.setattr(runtime, "_local_folder", lambda *a: hashed.append(a))  # where a Hub id would download
+    for bad in ({"dtype": "float8"}, {"device": "tpu"}):
+        with pytest.raises(EfexportError) as err:
+            load_artifact(folder, **bad)
+        assert repr(list(bad.values())[0]) in three_lines(err.value)[0] and hashed == []  # before download or hashing
 
 
 # --------------------------------------------------------------------------- verification
@@ -486,23 +488,39 @@ TAMPER = {
 
 @pytest.mark.parametrize("how", list(TAMPER))
 def test_tampered_artifact_is_refused_before_loading(lab, copy_of, monkeypatch, how):
+    """No model comes back from a changed artifact. Listing, sizes and small files are checked before any
+    load; a weight file's bytes are hashed while they are loaded (one read), so only then may the load run."""
     import converter.runtime as runtime
 
     folder = copy_of("qwen3", "mixture_lora", "int4")
     name, tamper, why = TAMPER[how]
     tamper(folder / name)
-    loads = []
-    monkeypatch.setattr(runtime, "load_weights", lambda *a, **k: loads.append(a))
+    loads, load_weights = [], runtime.load_weights
+    monkeypatch.setattr(runtime, "load_weights", lambda *a, **k: loads.append(a) or load_weights(*a, **k))
     with pytest.raises(EfexportError) as err:
         runtime.load_artifact(folder, device="cpu")
     first = three_lines(err.value)[0]
     assert first.startswith(f"Cannot verify {name}:") and why in first, first
-    assert loads == []  # nothing was loaded
+    assert len(loads) == (1 if how == "flip" else 0)  # only a weight's changed content needs its bytes read
     if how == "unlisted":  # verify=False skips the check; the stray file is not read
         monkeypatch.undo()
         model = runtime.load_artifact(folder, device="cpu", verify=False).model
         d = maxdiff(logits_of(model, lab.ids("qwen3", "mixture_lora")), lab.memory("qwen3", "mixture_lora", "int4"))
         assert d <= SAME_CODE_TOL, d
+
+
+def test_a_changed_weight_is_the_error_even_when_the_load_fails_on_it(copy_of):
+    """A flipped byte inside a safetensors header breaks the load itself; the digest mismatch is what is reported."""
+    from converter.runtime import load_artifact
+
+    folder = copy_of("qwen3", "mixture_lora", "fp32")
+    path = folder / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8 + 2] ^= 0x20  # inside the JSON header: still a file of the listed size
+    path.write_bytes(bytes(data))
+    with pytest.raises(EfexportError) as err:
+        load_artifact(folder, device="cpu")
+    assert three_lines(err.value)[0].startswith("Cannot verify model.safetensors: its sha256 differs")
 
 
 def test_missing_shard_is_named(copy_of):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..encoders import torch_threads
 from ..errors import EfexportError
 from .hashes import BackgroundHashes
 from .options import ExportOptions, PushOptions
@@ -85,7 +86,8 @@ def export(opts: ExportOptions) -> ExportResult:
     if opts.dry_run:
         prepared.pipe.close()
         return ExportResult(out=out, record=None, plan=prepared.summary())
-    record = run_export(prepared)
+    with torch_threads(opts.threads):
+        record = run_export(prepared)
     result = ExportResult(out=out, record=record, seconds=round(time.time() - started, 2))
     if opts.push:
         from ..hub import push_artifact

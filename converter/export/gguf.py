@@ -42,7 +42,7 @@ def check_gguf(pipe: Pipeline, gguf_type: str) -> None:
 
 class GgufFormat:
     name = "gguf"
-    disk_factor = 2  # K-quants go through an intermediate file
+    disk_factor = 1  # every type, K-quants included, is written straight into its file
 
     def check_options(self, opts: ExportOptions) -> ExportOptions:
         return opts
@@ -67,14 +67,15 @@ class GgufFormat:
         with progress(prepared.planned_bytes, "gguf", opts.progress) as bar:
             report = write_gguf(prepared.plan, pipe.target.hf_config, tok, tmp / filename, gtype, name=name,
                                 metadata={"base_model": pipe.run.base_model, "license": opts.license},
-                                progress=bar.update)
+                                progress=bar.update, threads=opts.threads)
         write_modelfile(tmp, filename, tok)
         if prepared.hashes:
             prepared.hashes.file(tmp / filename)  # hashed while parity runs
         parity = _parity(prepared, tmp / filename) if opts.verify else {"skipped": "--no-verify"}
         require_tolerance(parity, gtype, pipe.source_dtype() == torch.float32, "GGUF: in llama.cpp its logits",
                           fp32_rel=1e-3)
-        quantization = {"method": "gguf", "file_type": report["file_type"], "tensor_types": tensor_types(tmp / filename)}
+        # the type mix as written (reading the file back parses its whole vocabulary: seconds, hundreds of MB)
+        quantization = {"method": "gguf", "file_type": report["file_type"], "tensor_types": report.pop("tensor_types")}
         return finish(prepared, tmp, {"layout": "gguf", "parity": parity, "precision": gtype, "gguf": report,
                                       "quantization": quantization, "versions": gguf_versions()})
 
@@ -94,16 +95,6 @@ def _parity(prepared: Prepared, gguf_file: Path) -> dict[str, Any]:
     if "skipped" not in parity:
         parity["probe_ids"] = probes
     return parity
-
-
-def tensor_types(gguf_file: Path) -> dict[str, int]:
-    """How many tensors of each GGML type the file holds (K-quant files mix types by llama.cpp's rules)."""
-    from gguf import GGUFReader
-
-    counts: dict[str, int] = {}
-    for t in GGUFReader(str(gguf_file)).tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def gguf_versions() -> dict[str, str | None]:

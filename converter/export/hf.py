@@ -34,7 +34,7 @@ class HfFormat:
         from dataclasses import replace
 
         precision = check_precision(opts.precision)
-        require_bitsandbytes(precision)
+        require_bitsandbytes(precision, run_it=opts.verify)  # the artifact loads in bitsandbytes; parity runs it
         return replace(opts, precision=precision)
 
     def plan(self, opts: ExportOptions, pipe: Pipeline) -> TensorPlan:

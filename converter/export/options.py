@@ -39,3 +39,4 @@ class ExportOptions:
     name: str | None = None
     push: PushOptions | None = None
     progress: bool = True
+    threads: int | None = None  # torch threads and encoder workers; None: torch's count (all cores)

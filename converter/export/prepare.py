@@ -70,8 +70,16 @@ def check_tokenizer(pipe: Pipeline) -> None:
                    f"repair or re-save the tokenizer files in {folder}.", SEE) from None
 
 
+def check_threads(threads: object) -> None:
+    """--threads N: a whole number of threads, at least one."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise fail(f"use {threads!r} threads: expected a whole number, 1 or more",
+                   "pass --threads N with N >= 1, or leave it out to use all cores.", SEE)
+
+
 def prepare(opts: ExportOptions) -> Prepared:
     """Check everything (reading JSON and headers only) and open the pipeline; raises EfexportError."""
+    check_threads(opts.threads)
     fmt = FORMATS.get(opts.fmt)
     if fmt is None:
         raise fail(f"export format {opts.fmt!r}", f"pass --format {'|'.join(FORMATS)}.", SEE)

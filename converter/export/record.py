@@ -64,6 +64,8 @@ def build_record(prepared: Prepared, part: dict[str, Any], files: dict[str, Any]
     }
     if "gguf" in part:
         record["gguf"] = {k: v for k, v in part["gguf"].items() if k in ("arch", "tensor_count", "file_type")}
+    if run.vocabulary:
+        record["vocabulary"] = dict(run.vocabulary)
     return record
 
 

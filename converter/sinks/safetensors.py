@@ -26,7 +26,6 @@ from ..source.safetensors import SAFETENSORS_DTYPES
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-# Test hook: seconds to pause after each tensor, so interruption tests can hit mid-write.
 
 
 def parse_size(size: str | int) -> int:

@@ -1,7 +1,8 @@
 """Run folders and checkpoint folders: which checkpoint, which backbone, which strategy block.
 
-Everything here reads small JSON files only (docs/run-format.md §1-2); no tensor data is
-touched, so every "wrong path / wrong checkpoint" error is raised before heavy work.
+Everything here reads small JSON files (and, for a resized vocabulary, a safetensors header)
+only (docs/run-format.md §1-2); no tensor data is touched, so every "wrong path / wrong
+checkpoint" error is raised before heavy work.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from ..errors import SEE_LOADING, fail
 from ..hf_model import check_config
 from .files import read_json, typed
+from .vocab import resized_config, tokenizer_dir
 
 BACKBONES = ("qwen3", "llama", "gemma3")
 CHECKPOINT_DIRS = {"final": "final", "best": "checkpoint-best", "latest": "checkpoint-latest"}
@@ -47,6 +49,8 @@ class ResolvedRun:
     step: int | None
     source_kind: str = "eulerforge_run"  # | "hf_model" | "peft_adapter"
     adapter: AdapterBase | None = None  # set for PEFT adapter folders
+    # a vocabulary resized for added tokens: {"base_size", "size"} (+ "untied" when a merge unties the embeddings)
+    vocabulary: dict[str, Any] | None = None
 
 
 def step_dirs(run_dir: Path) -> dict[int, Path]:
@@ -151,6 +155,7 @@ def describe_checkpoint(ckpt_dir: Path, path_type: str, run_dir: Path | None, ch
     hf_config.pop("eulerforge", None)
     block = _merge_blocks(resolved_cfg, ef_block)
     model_type = check_config(hf_config, ckpt_dir / "config.json")
+    hf_config, vocabulary = resized_config(hf_config, ckpt_dir, tokenizer_dir([ckpt_dir, run_dir]), SEE_LOADING)
     declared = (typed(ef_block or {}, "backbone", str, "config.json (eulerforge)", "a backbone name")
                 or typed(resolved_cfg, "backbone", str, RESOLVED, "a backbone name") or "")
     backbone = backbone_of(declared, model_type)
@@ -163,6 +168,7 @@ def describe_checkpoint(ckpt_dir: Path, path_type: str, run_dir: Path | None, ch
         backbone=backbone,
         base_model=info.get("name_or_path") or typed(hf_config, "_name_or_path", str, "config.json", "a string") or None,
         source_kind=kind,
+        vocabulary=vocabulary,
     )
 
 

@@ -2,8 +2,9 @@
 
 Per-module scale (``rank_pattern`` / ``alpha_pattern`` / rsLoRA), ``fan_in_fan_out`` (Conv1D
 layouts), embedding LoRA, ``lora_bias``, DoRA magnitudes, ``modules_to_save`` and trained
-biases replacing whole tensors, tied embeddings: each final tensor is a recipe (a start
-tensor and ops) computed in float32 and rounded once. The result is a
+biases replacing whole tensors, trainable tokens, tied embeddings, a vocabulary resized for
+added tokens (:mod:`.vocab_resize`): each final tensor is a recipe (a start tensor and ops)
+computed in float32 and rounded once. The result is a
 :class:`~converter.strategy.reader.Reader` over the final Hugging Face names, so the
 pipeline streams it like any other source.
 """
@@ -11,6 +12,7 @@ pipeline streams it like any other source.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -19,10 +21,12 @@ from ..errors import fail
 from ..source.peft_adapter import SEE_ADAPTERS, AdapterSource
 from ..source.run_dir import ResolvedRun
 from ..source.safetensors import TensorSource
+from ..source.vocab import tokenizer_dir
 from .injection import Injection
 from .lora import merge_lora_f32
 from .peft_rules import LORA_PART, PEFT_MARKERS, PEFT_PREFIX, check_adapter_config, match_target, model_layout, module_scale
 from .reader import Reader
+from .vocab_resize import TOKEN_DELTA, Vocab, overwrite_rows, plan_vocab, planner_name, resize_rows, token_rows
 
 # --------------------------------------------------------------------------- the merge, as pure functions
 
@@ -56,15 +60,18 @@ class _Op:
     """One adapter module's change to one tensor, applied in the base model's module order."""
 
     module: str
-    kind: str  # lora | dora | bias
+    kind: str  # lora | dora | bias | tokens
     parts: dict[str, str]  # role -> adapter tensor name
     scale: float
     transposed: bool = False  # delta = (B @ A).T: embeddings and Conv1D (fan_in_fan_out)
     norm_dim: int = 1
+    indices: tuple[int, ...] = ()  # tokens: the rows trainable_token_indices overwrites
 
     def apply_f32(self, t: torch.Tensor, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
         if self.kind == "bias":
             return add_lora_bias_f32(t, get(self.parts["bias"]), self.scale)
+        if self.kind == "tokens":
+            return overwrite_rows(t, self.indices, get(self.parts["delta"]))
         a, b = get(self.parts["A"]), get(self.parts["B"])
         if self.transposed:  # W0 + s·(B @ A).T == W0 + s·(A.T @ B.T)
             a, b = b.t(), a.t()
@@ -80,7 +87,7 @@ class _Output:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    start: tuple[str, str]  # ("base" | "adapter", tensor name)
+    start: tuple[str, str]  # ("base" | "adapter" | "resized", tensor name)
     ops: list[_Op] = field(default_factory=list)
 
 
@@ -94,6 +101,7 @@ class AdapterMerge:
     config_updates: dict[str, Any]
     modules: dict[str, str]  # LoRA module -> kind (lora | dora)
     replaced: list[str]  # final names replaced wholesale by the adapter (modules_to_save, trained biases)
+    vocab: Vocab | None = None
 
 
 def _strip(name: str) -> str:
@@ -106,8 +114,11 @@ def _bad(why: str, fix: str = "the adapter does not match its base model; pass -
 
 
 def plan_adapter_merge(cfg: dict[str, Any], base_config: dict[str, Any], base: TensorSource,
-                       adapter: TensorSource) -> AdapterMerge:
-    """Plan every merged tensor from names, shapes and the base's module classes (no tensor data)."""
+                       adapter: TensorSource, tokenizer: Path | None = None) -> AdapterMerge:
+    """Plan every merged tensor from names, shapes and the base's module classes (no tensor data).
+
+    ``tokenizer``: the adapter's tokenizer folder, which must explain a resized vocabulary.
+    """
     layout = model_layout(base_config)
     base_names = list(base.names)
     base_set = set(base_names)
@@ -135,10 +146,15 @@ def plan_adapter_merge(cfg: dict[str, Any], base_config: dict[str, Any], base: T
     # 1. sort the adapter's tensors: LoRA parts per module, and whole base-named tensors
     modules: dict[str, dict[str, str]] = {}
     plain: dict[str, list[str]] = {}  # base name -> adapter tensor names
+    deltas: dict[str, str] = {}  # module -> its trainable-token rows
     for full in adapter.names:
-        name = _strip(full)
+        name = planner_name(_strip(full))
+        if name is None:  # PEFT's frozen original beside a modules_to_save copy
+            continue
         m = LORA_PART.match(name)
-        if m:
+        if t := TOKEN_DELTA.match(name):
+            deltas[t.group("module")] = full
+        elif m:
             part = m.group("part")
             if part.startswith("lora_magnitude_vector"):
                 part = "lora_magnitude_vector"
@@ -149,7 +165,11 @@ def plan_adapter_merge(cfg: dict[str, Any], base_config: dict[str, Any], base: T
         else:
             plain.setdefault(name.replace(".base_layer.", "."), []).append(full)
 
+    tokens = token_rows(cfg, deltas, layout, adapter)
+    vocab = plan_vocab(layout, base, adapter, canonical, plain, modules, tokens, tokenizer)
     outputs: dict[str, _Output] = {n: _Output(n, base.shape(n), base.dtype(n), ("base", n)) for n in base_names}
+    for n in vocab.names if vocab.resized else ():  # transformers' resize_token_embeddings, as PEFT requires
+        outputs[n] = _Output(n, (vocab.size, *base.shape(n)[1:]), base.dtype(n), ("resized", n))
     replaced: list[str] = []
 
     # 2. whole tensors saved with the adapter: modules_to_save, trained biases (bias="all"/"lora_only"),
@@ -159,10 +179,10 @@ def plan_adapter_merge(cfg: dict[str, Any], base_config: dict[str, Any], base: T
         target = canonical(name)
         if target not in base_set:
             raise _bad(f"adapter tensor {fulls[0]!r} has no counterpart {name!r} in the base model")
-        shape = tuple(adapter.shape(fulls[-1]))
-        if shape != tuple(base.shape(target)):
+        shape, want = tuple(adapter.shape(fulls[-1])), tuple(outputs[target].shape)
+        if shape != want:
             raise _bad(f"adapter tensor {fulls[-1]!r} has shape {list(shape)} but the base's {target} has "
-                       f"{list(base.shape(target))} (a resized vocabulary, or another base model?)")
+                       f"{list(want)}{' (after the vocabulary resize)' if vocab.resized else ''}")
         whole_module = any(".base_layer." not in _strip(f) for f in fulls)
         if whole_module and target in tie_group:
             untie.setdefault(target, {})[name] = fulls[-1]
@@ -185,7 +205,8 @@ def plan_adapter_merge(cfg: dict[str, Any], base_config: dict[str, Any], base: T
         # PEFT's merged model keeps the replacement and the original module apart: untied embeddings.
         for member in sorted(members, key=lambda m: m != target):
             if member not in outputs:
-                outputs[member] = _Output(member, base.shape(target), base.dtype(target), ("base", target))
+                outputs[member] = _Output(member, outputs[target].shape, base.dtype(target),
+                                          ("resized" if vocab.resized else "base", target))
             if member in chosen:
                 outputs[member].start = ("adapter", chosen[member])
                 replaced.append(member)
@@ -259,7 +280,12 @@ def plan_adapter_merge(cfg: dict[str, Any], base_config: dict[str, Any], base: T
                            "so PEFT cannot merge it either", "retrain with lora_bias=False.")
             outputs[bias].ops.append(_Op(module, "bias", {"bias": parts["lora_B.bias"]}, scale))
         lora_modules[module] = op.kind
+    for t in sorted(tokens, key=lambda t: order.get(t.module, len(order))):  # PEFT merges them in module order
+        outputs[canonical(f"{t.module}.weight")].ops.append(_Op(t.module, "tokens", {"delta": t.delta}, 1.0,
+                                                                  indices=t.indices))
     check_coverage(cfg, layout, modules)
+    if vocab.resized:
+        config_updates["vocab_size"] = vocab.size
 
     injection = Injection(
         strategy="dense_lora",
@@ -268,7 +294,7 @@ def plan_adapter_merge(cfg: dict[str, Any], base_config: dict[str, Any], base: T
         use_rslora=bool(cfg.get("use_rslora")),
         target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in lora_modules})),
     )
-    return AdapterMerge(cfg, outputs, injection, config_updates, lora_modules, replaced)
+    return AdapterMerge(cfg, outputs, injection, config_updates, lora_modules, replaced, vocab)
 
 
 def check_coverage(cfg: dict[str, Any], layout: Any, modules: dict[str, dict[str, str]]) -> None:
@@ -303,6 +329,8 @@ def merged_reader(merge: AdapterMerge, base: TensorSource, adapter: TensorSource
 
     def start(out: _Output) -> torch.Tensor:
         where, src = out.start
+        if where == "resized":
+            return resize_rows(base.get(src), out.shape[0])
         return (adapter if where == "adapter" else base).get(src)
 
     def get_exact(name: str) -> torch.Tensor:
@@ -338,11 +366,14 @@ def open_adapter_source(run: ResolvedRun) -> tuple[ResolvedRun, AdapterSource, I
         raise
     source = AdapterSource(base, adapter)
     try:
-        merge = plan_adapter_merge(info.adapter_config, info.base_config, base, adapter)
+        tok = tokenizer_dir([run.checkpoint_dir, run.run_dir, info.base_dir])  # the one the export writes
+        merge = plan_adapter_merge(info.adapter_config, info.base_config, base, adapter, tok)
     except Exception:
         source.close()
         raise
-    inj = merge.injection
-    run = replace(run, hf_config={**info.base_config, **merge.config_updates},
+    inj, v = merge.injection, merge.vocab
+    vocabulary = {**({"base_size": v.base_size, "size": v.size} if v and v.resized else {}),
+                  **({"untied": True} if merge.config_updates.get("tie_word_embeddings") is False else {})}
+    run = replace(run, hf_config={**info.base_config, **merge.config_updates}, vocabulary=vocabulary or None,
                   block={**inj.as_dict(), "use_dora": bool(info.adapter_config.get("use_dora"))})
     return run, source, inj, merged_reader(merge, base, adapter)

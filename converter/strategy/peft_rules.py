@@ -37,7 +37,7 @@ _NEUTRAL_KEYS = {
     # handled by the merge planner:
     "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
     "layers_to_transform", "layers_pattern", "fan_in_fan_out", "bias", "lora_bias", "modules_to_save", "use_dora",
-    "init_lora_weights", "ensure_weight_tying",
+    "init_lora_weights", "ensure_weight_tying", "trainable_token_indices",
 }
 # init_lora_weights values that only initialise A and B (the base weights stay the base model's).
 # (True/False are accepted too.)
@@ -45,7 +45,6 @@ _PLAIN_INITS = {"gaussian", "eva", "orthogonal"}
 _OPTION_WHY = {
     "layer_replication": "it duplicates decoder layers, so the merged model is not the base architecture",
     "target_parameters": "LoRA on raw nn.Parameters (e.g. fused MoE experts) is not a Linear efexport can merge",
-    "trainable_token_indices": "trainable-token deltas are not merged by efexport yet",
     "use_qalora": "QA-LoRA pools the input and merges into quantized weights",
     "alora_invocation_tokens": "activated LoRA only applies after its invocation tokens, so it cannot be merged",
     "arrow_config": "Arrow routes between adapters per token, so it cannot be merged",
@@ -116,6 +115,10 @@ def _names(x: Any) -> bool:
     return isinstance(x, list) and all(isinstance(v, str) for v in x)
 
 
+def _token_ids(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
+
+
 def _regex(pattern: str) -> bool:
     try:
         re.compile(pattern)
@@ -141,6 +144,9 @@ _OPTION_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
                             or (isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v))),
     "layers_pattern": ("a name or a list of names",
                        lambda v: (isinstance(v, str) and _regex(v)) or (_names(v) and all(map(_regex, v)))),
+    "trainable_token_indices": ("a list of token ids or an object of module name: token ids",
+                                lambda v: _token_ids(v) or (isinstance(v, dict) and all(
+                                    isinstance(k, str) and _token_ids(x) for k, x in v.items()))),
     "rank_pattern": ("an object of pattern: rank",
                      lambda v: isinstance(v, dict) and all(_regex(k) and _rank(x) for k, x in v.items())),
     "alpha_pattern": ("an object of pattern: alpha",

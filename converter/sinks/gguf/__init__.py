@@ -15,11 +15,12 @@ module per job:
 * :mod:`.vocab` (with :mod:`.spm` and :mod:`.tokenizer`) writes the tokenizer as
   llama.cpp's converter does;
 * :mod:`.tensors` names, types and transforms each tensor (:mod:`.quant`: the GGUF
-  types and the per-tensor type rules);
+  types and the per-tensor type rules; :mod:`.kquants`: the type mix, order and keys
+  of llama.cpp's K-quant files);
 * :mod:`.metadata` writes the key/value metadata, :mod:`.writer` streams the file;
-* :mod:`.llama_cpp` makes the K-quants and loads files in llama.cpp (llama-cpp-python,
-  imported lazily: this package imports without it); :mod:`.ollama` writes the
-  Modelfile.
+* :mod:`.ggml` quantizes the K-quants' row blocks with llama.cpp's own quantizer and
+  :mod:`.llama_cpp` loads files in llama.cpp (llama-cpp-python, loaded lazily: this
+  package imports without it); :mod:`.ollama` writes the Modelfile.
 
 See docs/artifact-format.md for what the file holds.
 """

@@ -1,16 +1,13 @@
 """llama.cpp itself, through llama-cpp-python (the ``efexport[gguf]`` extra), imported lazily.
 
-Two uses: the K-quants (``q4_k_m``, ``q5_k_m``, ``q6_k``) are made by llama.cpp's own
-quantizer (``llama_model_quantize``) so the file is what llama.cpp would make, and the
-written file is checked by loading it in llama.cpp (logits, tokenization). This
+The written file is checked by loading it in llama.cpp (logits, tokenization); the
+K-quants call llama.cpp's quantizer in its ggml library directly (:mod:`.ggml`). This
 module imports without llama-cpp-python; only these calls need it.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,54 +22,6 @@ def llama_cpp_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("llama_cpp") is not None
-
-
-class CapturedStderr:
-    """Redirect file descriptor 2 (where llama.cpp logs) to a temporary file; ``.text`` after exit."""
-
-    text = ""
-
-    def __enter__(self) -> "CapturedStderr":
-        self._tmp = tempfile.TemporaryFile(mode="w+b")
-        self._saved: int | None = None
-        try:
-            sys.stderr.flush()
-            self._saved = os.dup(2)
-            os.dup2(self._tmp.fileno(), 2)
-        except (OSError, ValueError):  # no usable fd 2: let llama.cpp log through
-            self._saved = None
-        return self
-
-    def __exit__(self, *exc: Any) -> bool:
-        if self._saved is not None:
-            os.dup2(self._saved, 2)
-            os.close(self._saved)
-        self._tmp.seek(0)
-        self.text = self._tmp.read().decode("utf-8", "replace")
-        self._tmp.close()
-        return False
-
-
-def llama_quantize(src: Path, dst: Path, gguf_type: str) -> None:
-    """Quantize the F16 file ``src`` to the K-quant ``gguf_type`` at ``dst`` with llama.cpp's quantizer."""
-    try:
-        import llama_cpp
-    except ImportError as e:  # checked up front; kept for direct callers
-        raise fail(f"make {gguf_type} without llama-cpp-python", EXTRA_HINT, SEE) from e
-    ftype = {
-        "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
-        "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
-        "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
-    }[gguf_type]
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = max(1, os.cpu_count() or 1)
-    with CapturedStderr() as log:  # llama.cpp logs every tensor; keep it for the error only
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0 or not dst.is_file():
-        tail = " ".join(log.text.strip().splitlines()[-2:])
-        raise fail(f"quantize to {gguf_type} with llama.cpp (llama_model_quantize returned {rc}: {tail})",
-                   "retry with q8_0, or check the llama-cpp-python installation", SEE)
 
 
 def _load_llama(gguf_file: Path, **kw: Any) -> Any:
