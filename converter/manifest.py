@@ -14,7 +14,8 @@ import hashlib
 import json
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from .errors import EfexportError, fail
 
@@ -160,6 +161,32 @@ def check_digests(listed: dict[str, dict[str, Any]], digests: dict[str, str]) ->
 
 def is_weight_file(rel: str) -> bool:
     return rel.endswith(WEIGHT_SUFFIXES)
+
+
+@contextmanager
+def verified_while_read(folder: Path, manifest: dict[str, Any], workers: int = 2) -> Iterator[None]:
+    """Verify an artifact in one read of each file, around the block that reads its weights.
+
+    Names, sizes, stray weights and every small file (config, tokenizer, code) are checked
+    before the block runs; the weight files are hashed on threads (hashlib releases the
+    GIL) while the block reads the same pages. A changed file is the error raised on exit,
+    in preference to whatever the block ran into reading it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = Path(folder)
+    check_present(folder, manifest)
+    listed = manifest["files"]
+    weights = [rel for rel in listed if is_weight_file(rel)]
+    check_digests(listed, hash_listed(folder, [rel for rel in listed if rel not in weights]))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="efexport-verify") as pool:
+        hashed = pool.submit(hash_listed, folder, weights, workers)
+        try:
+            yield
+        except Exception:
+            check_digests(listed, hashed.result())  # a changed file explains the failure better
+            raise
+        check_digests(listed, hashed.result())
 
 
 def verify_folder(folder: Path) -> dict[str, Any]:

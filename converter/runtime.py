@@ -19,7 +19,7 @@ import torch
 
 from .errors import fail
 from .loaded import LoadedModel, ModelMetadata, load_tokenizer, resolve_device, resolve_float_dtype
-from .manifest import check_digests, check_present, hash_listed, is_weight_file, read_manifest
+from .manifest import read_manifest, verified_while_read
 from .quiet import quiet_libraries
 
 SEE = "docs: README.md#loading-an-artifact"
@@ -156,28 +156,13 @@ def load_artifact(
 
 def _load_verified(folder: Path, manifest: dict[str, Any], layout: str, precision: str | None, dev: torch.device,
                    float_dtype: torch.dtype | None) -> tuple[Any, torch.nn.Module]:
-    """Load while the weight files are hashed, one pass over their bytes; return nothing unverified.
+    """Load while the weight files are hashed (:func:`verified_while_read`); return nothing unverified.
 
-    Sizes, stray files and every small file (config, tokenizer, code) are checked before
-    anything is used. The weight files are then hashed on two threads (hashlib releases
-    the GIL) while this thread reads the same pages into the model, so each file is read
-    from disk once; a changed file is the error raised, whatever the load ran into, and the
-    model built from it is dropped unreturned. Weight files are only ever parsed as
-    safetensors (headers validated first by :func:`check_weights`), never executed.
+    Each file is read from disk once; the model built from a changed file is dropped
+    unreturned. Weight files are only ever parsed as safetensors (headers validated first
+    by :func:`check_weights`), never executed.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    check_present(folder, manifest)
-    listed = manifest["files"]
-    weights = [rel for rel in listed if is_weight_file(rel)]
-    check_digests(listed, hash_listed(folder, [rel for rel in listed if rel not in weights]))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="efexport-verify") as pool:
-        hashed = pool.submit(hash_listed, folder, weights, 2)  # the load itself is mostly imports and mmap
-        try:
-            tokenizer = load_tokenizer(folder)
-            model = load_weights(folder, layout, precision, dev, float_dtype)
-        except Exception:
-            check_digests(listed, hashed.result())  # a changed file explains the failure better
-            raise
-        check_digests(listed, hashed.result())
+    with verified_while_read(folder, manifest, workers=2):  # the load itself is mostly imports and mmap
+        tokenizer = load_tokenizer(folder)
+        model = load_weights(folder, layout, precision, dev, float_dtype)
     return tokenizer, model

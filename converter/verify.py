@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .errors import EfexportError
-from .manifest import check_digests, check_present, hash_listed, is_weight_file, read_manifest
+from .manifest import read_manifest, verified_while_read
 from .quiet import quiet_libraries
 
 MISMATCH = ("Cannot reproduce the logits recorded at export\n"
@@ -32,34 +32,22 @@ def verify_artifact(folder: Path, *, parity: bool = True, base_model: str | None
     Each file is read once: the weight files are hashed on a thread while the reload reads
     the same pages, and a changed file is reported instead of whatever the reload found.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     folder = Path(folder)
     report: dict[str, Any] = {"artifact": str(folder), "ok": False, "files_checked": 0}
     try:
         manifest = read_manifest(folder)
-        check_present(folder, manifest)
-        listed = manifest["files"]
-        weights = [rel for rel in listed if is_weight_file(rel)]
-        check_digests(listed, hash_listed(folder, [rel for rel in listed if rel not in weights]))
-        if manifest.get("layout") in ("dense", "moe", "compact"):
-            from .runtime import check_weights
-
-            check_weights(folder)  # config.json and every safetensors header, as load_artifact checks them
         recorded = manifest.get("parity") or {}
         rerun = parity and "artifact_fingerprint" in recorded
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="efexport-verify") as pool:
-            hashed = pool.submit(hash_listed, folder, weights, 1 if rerun else 2)
-            try:
-                reloaded = _reload(folder, manifest, base_model) if rerun else None
-            except Exception:
-                check_digests(listed, hashed.result())  # a changed file explains a failed reload better
-                raise
-            check_digests(listed, hashed.result())
+        with verified_while_read(folder, manifest, workers=1 if rerun else 2):
+            if manifest.get("layout") in ("dense", "moe", "compact"):
+                from .runtime import check_weights
+
+                check_weights(folder)  # config.json and every safetensors header, as load_artifact checks them
+            reloaded = _reload(folder, manifest, base_model) if rerun else None
     except EfexportError as exc:
         report["error"] = str(exc)
         return report
-    report["files_checked"] = len(listed)
+    report["files_checked"] = len(manifest["files"])
     report["layout"], report["precision"] = manifest.get("layout"), manifest.get("precision")
     report["dtype"] = manifest.get("dtype")
     report["recorded"] = {k: v for k, v in recorded.items() if k != "artifact_fingerprint" and k != "probe_ids"}

@@ -442,6 +442,7 @@ def test_metadata_and_manifest_fields(lab):
 
 
 def test_device_auto_and_dtype_override(lab, monkeypatch):
+    import converter.manifest as manifest
     import converter.runtime as runtime
     from converter.runtime import load_artifact
 
@@ -454,7 +455,7 @@ def test_device_auto_and_dtype_override(lab, monkeypatch):
                              lab.reference("llama", "mixture_lora"))
     assert rel <= LOOSE["bf16"][0] and top1 >= LOOSE["bf16"][1], (rel, top1)
     hashed = []
-    monkeypatch.setattr(runtime, "hash_listed", lambda *a: hashed.append(a))
+    monkeypatch.setattr(manifest, "hash_listed", lambda *a: hashed.append(a))
     monkeypatch.setattr(runtime, "_local_folder", lambda *a: hashed.append(a))  # where a Hub id would download
     for bad in ({"dtype": "float8"}, {"device": "tpu"}):
         with pytest.raises(EfexportError) as err:
