@@ -6,9 +6,9 @@ other, ``efexport RUN --out DIR --precision bf16`` with ``--no-verify`` and with
 check, and ``load_artifact`` vs ``from_pretrained`` on the artifact. One repetition each: every
 command reads and writes ~16 GB, and the disk holds source + one artifact (check ``df`` first).
 
-    python benchmarks/bench_8b.py [--work benchmarks/_work] [--keep]
+    python benchmarks/bench_8b.py [--work benchmarks/_work] [--keep] [--tasks efx_bf16_parity] [--name 8b_v3]
 
-Results: ``benchmarks/results_8b/8b.jsonl`` (the resultfile format, one line per command).
+Results: ``benchmarks/results_8b/<name>.jsonl`` (default ``8b``; the resultfile format, one line per command).
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=HERE / "_work")
     ap.add_argument("--results", type=Path, default=HERE / "results_8b")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic run for a later call")
+    ap.add_argument("--tasks", default=None, help="comma-separated subset of: efx_bf16, efx_bf16_parity, "
+                    "load_artifact_bf16, from_pretrained_bf16 (default: all; the load tasks need efx_bf16_parity)")
+    ap.add_argument("--name", default="8b", help="results file name, without .jsonl")
     args = ap.parse_args()
     root = args.work / "8b"
     run = root / "run"
@@ -56,6 +59,8 @@ def main() -> None:
         "load_artifact_bf16": [PY, BASELINES, "load-artifact", str(art)],
         "from_pretrained_bf16": [PY, BASELINES, "from-pretrained", str(art)],
     }
+    if args.tasks:
+        tasks = {k: v for k, v in tasks.items() if k in args.tasks.split(",")}
     records = [{"record": "run", "size": "8b", "date": time.strftime("%Y-%m-%d"), "reps": 1,
                 "checkpoint_gb": round(need / 2e9, 2), "work": resultfile.portable(str(args.work), REPO)}]
     for task, cmd in tasks.items():
@@ -77,7 +82,7 @@ def main() -> None:
         records[0]["parity"] = {k: v for k, v in json.loads((art / "efexport.json").read_text())["parity"].items()
                                 if k not in ("artifact_fingerprint", "probe_ids")}
     args.results.mkdir(parents=True, exist_ok=True)
-    resultfile.write_jsonl(args.results / "8b.jsonl", records)
+    resultfile.write_jsonl(args.results / f"{args.name}.jsonl", records)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(art, ignore_errors=True)
     if not args.keep:

@@ -374,7 +374,8 @@ def bench_size(size: str, args, env: dict) -> dict:
     if args.gguf:
         tasks = [t for t in GGUF_ORDER if t in args.tasks] if args.tasks_given else GGUF_ORDER  # --tasks: a subset
         llama_cpp = ensure_llama_cpp(args.work, args.llama_cpp)
-        a["gguf_f16"] = gguf_f16(size, root, p, env)
+        if "quantize_only_q4_k_m" in tasks:
+            a["gguf_f16"] = gguf_f16(size, root, p, env)
     cmds = task_commands(p, a, out, shard, llama_cpp)
     quiet_wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if size == "tiny" else 300.0)
     retries = args.retries if args.retries is not None else (0 if size == "tiny" else 2)
@@ -391,7 +392,7 @@ def bench_size(size: str, args, env: dict) -> dict:
         "commands": {t: portable(" ".join(cmds[t][0]), args.work) for t in tasks},
         "reps": {t: [] for t in tasks},
     }
-    if args.gguf:
+    if args.gguf and not args.no_compare:
         info["gguf_compare"] = compare_gguf_outputs(size, root, p, env, llama_cpp)
         for c in info["gguf_compare"].values():
             c["files"] = [portable(f, args.work) for f in c.get("files", [])]
@@ -458,6 +459,9 @@ def main() -> None:
     ap.add_argument("--gguf", action="store_true",
                     help="measure GGUF export (q8_0, q4_k_m) against PEFT merge + llama.cpp's convert_hf_to_gguf.py "
                          "(+ llama_model_quantize); results to --results, default benchmarks/results_gguf")
+    ap.add_argument("--no-compare", action="store_true",
+                    help="with --gguf: skip the unmeasured set-up that writes efexport's and llama.cpp's files once "
+                         "and compares them (compare_gguf.py; ~10 min at 0.6B)")
     ap.add_argument("--llama-cpp", type=Path, default=None,
                     help="llama.cpp source tree with convert_hf_to_gguf.py (default: unpacked from the llama-cpp-python "
                          "sdist of the installed version)")

@@ -6,8 +6,11 @@ layer is called with (hidden state, masks, rotary tables, cache). Then each laye
 tensors are produced, the layer runs on every prompt's hidden state, and its weights go
 back to the meta device. A last pass feeds the final hidden states through the final norm
 and head. Every module computes exactly what it computes in the whole model, so the
-logits are the same numbers, while memory holds one layer, or the embedding, or
-norm + head, at a time (each layer's tensors are produced once for all prompts).
+logits are the same numbers, while memory holds one layer at a time (each layer's tensors
+are produced once for all prompts). The vocabulary matrices never come whole when their
+rows can be read on their own: the embedding holds only the rows of the probe ids, and
+the head runs a block of vocabulary rows at a time (a tied 151,936 x 2,048 head is
+1.2 GB in float32, several decoder layers' worth).
 
 Used for the parity check at export (the source run and the written artifact) and by
 ``efexport verify``.
@@ -19,17 +22,21 @@ import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import fail
 from .hf_model import meta_model
+from .memory import release_free_memory
 from .plan import PlannedTensor, numel
 from .sinks.model import assign, materialise_buffers
 
 SEE = "docs: README.md#parity"
+# Vocabulary rows of the head per matmul: 16,384 x 4,096 float32 is 256 MiB at 8B.
+HEAD_ROWS = 16384
 
 
 class _Captured(Exception):
@@ -50,6 +57,36 @@ class _StandIn(nn.Module):
             if self.last:
                 raise _Captured
         return hidden_states
+
+
+class _RowsHead(nn.Module):
+    """The output head a block of vocabulary rows at a time, each block read once for every prompt.
+
+    A first pass over the prompts records what the head is called with; :meth:`compute`
+    multiplies each block of rows with every recorded input (a logit is one row times the
+    input, so splitting the rows changes no sum); a second pass hands the logits back, so the
+    model's own code still applies whatever follows the head (e.g. Gemma's soft-capping).
+    """
+
+    def __init__(self, rows: Callable[[int, int], torch.Tensor], vocab: int) -> None:
+        super().__init__()
+        self.rows, self.vocab = rows, vocab
+        self.inputs: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.outputs:
+            return self.outputs.pop(0)
+        self.inputs.append(hidden)
+        return hidden[..., :0]
+
+    def compute(self) -> None:
+        parts: list[list[torch.Tensor]] = [[] for _ in self.inputs]
+        for start in range(0, self.vocab, HEAD_ROWS):
+            block = self.rows(start, min(start + HEAD_ROWS, self.vocab))
+            for part, hidden in zip(parts, self.inputs):
+                part.append(F.linear(hidden, block))
+        self.outputs, self.inputs = [torch.cat(part, dim=-1) for part in parts], []
 
 
 class Streamed:
@@ -73,14 +110,16 @@ class Streamed:
         self.tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
         if self.tied:  # the head is the embedding: produce it again for the last pass
             self.groups["head"] = self.groups["head"] + self.groups["embed"]
+        # the vocabulary matrices, when they can be read a few rows at a time
+        self.embed = _rows_of(self.groups["embed"], embed + "weight", self.quantized)
+        head = model.get_output_embeddings()
+        head_name = embed + "weight" if self.tied else _name_of(model, head) + ".weight"
+        plain = isinstance(head, nn.Linear) and head.bias is None
+        self.head = _rows_of(self.groups["head"], head_name, self.quantized) if plain else None
 
     @property
     def config(self) -> Any:
         return self.model.config
-
-    def unit_bytes(self) -> int:
-        """Bytes of the largest part held at once (one layer, the embedding, or norm + head)."""
-        return max(sum(t.nbytes for t in g) for g in self.groups.values())
 
     @torch.no_grad()
     def logits(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -88,8 +127,10 @@ class Streamed:
         model, layers = self.model, self.layers
         real = list(layers)
         calls: list[list] = [[] for _ in batches]
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        meta_rows = embedding.weight  # the whole vocabulary's shape, on meta
         try:
-            self._load("embed")
+            batches = self._load_embedding(batches)
             for k, batch in enumerate(batches):
                 for i, stand_in in enumerate(self._stand_ins(calls[k])):
                     layers[i] = stand_in
@@ -98,6 +139,8 @@ class Streamed:
                 except _Captured:
                     pass
             _to_meta(model)
+            embedding.weight = meta_rows
+            release_free_memory()
             hidden = [c[0][0] for c in calls]
             for i, layer in enumerate(real):
                 layers[i] = layer
@@ -106,26 +149,49 @@ class Streamed:
                     _, args, kwargs = calls[k][i]
                     hidden[k] = layer(hidden[k], *args, **kwargs)
                 _to_meta(layer)
+                release_free_memory()
                 layers[i] = _StandIn(i, False, [])
             del calls
             for stand_in in layers:
                 stand_in.recording = False
             self._load("head")
+            rows_head = model.get_output_embeddings()
+            if isinstance(rows_head, _RowsHead):
+                for h in hidden:
+                    model(inputs_embeds=h)
+                rows_head.compute()
             return [model(inputs_embeds=h).logits.float().cpu() for h in hidden]
         finally:
             for i, layer in enumerate(real):
                 layers[i] = layer
+            model.set_output_embeddings(head)
+            embedding.weight = meta_rows
             _to_meta(model)
 
     def _stand_ins(self, calls: list) -> list[_StandIn]:
         n = len(self.layers)
         return [_StandIn(i, i == n - 1, calls) for i in range(n)]
 
+    def _load_embedding(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Fill the embedding; returns the batches to feed it (ids renumbered when only their rows are held)."""
+        if self.embed is None:
+            self._load("embed")
+            return batches
+        assign(self.model, [t for t in self.groups["embed"] if t is not self.embed], self.precision, self.quantized)
+        ids = torch.unique(torch.cat([b.flatten() for b in batches]))
+        rows = torch.cat([self.embed.produce_rows(int(i), int(i) + 1) for i in ids])
+        self.model.get_input_embeddings().weight = nn.Parameter(rows, requires_grad=False)
+        return [torch.searchsorted(ids, b) for b in batches]
+
     def _load(self, group: Any) -> None:
         part = self.model if not isinstance(group, int) else self.layers[group]
-        assign(self.model, self.groups[group], self.precision, self.quantized)
+        chunked = group == "head" and self.head is not None
+        plan = [t for t in self.groups[group] if t is not self.head] if chunked else self.groups[group]
+        assign(self.model, plan, self.precision, self.quantized)
         part.eval()  # bitsandbytes modules just built start in training mode, which computes differently
-        if group == "head" and self.tied:
+        if chunked:
+            self.model.set_output_embeddings(_RowsHead(self.head.produce_rows, self.head.shape[0]))
+        elif group == "head" and self.tied:
             self.model.tie_weights()
         missing = [n for n, p in part.named_parameters() if p.is_meta]
         if isinstance(group, int) and missing:
@@ -170,7 +236,9 @@ def artifact_stream(folder: Path) -> Iterator[Streamed]:
             cast = (isinstance(dtype, torch.dtype) and stored.is_floating_point and stored != dtype
                     and not is_quant_tensor(name, quantized))
             plan.append(PlannedTensor(name, source.shape(name), dtype if cast else stored,
-                                      (lambda n=name, c=cast: source.get(n).to(dtype) if c else source.get(n))))
+                                      (lambda n=name, c=cast: source.get(n).to(dtype) if c else source.get(n)),
+                                      produce_rows=(lambda a, b, n=name, c=cast: source.get_rows(n, a, b).to(
+                                          dtype if c else source.dtype(n)))))
         model = meta_model(config, structure)
         materialise_buffers(model)
         yield Streamed(model.eval(), as_model_names(plan, model), precision, quantized)
@@ -211,6 +279,13 @@ def as_model_names(plan: list[PlannedTensor], model: nn.Module) -> list[PlannedT
         out.append(PlannedTensor(f"{prefix}.down_proj", (len(down), *down[0].shape), down[0].dtype,
                                  lambda d=down: torch.stack([t.produce() for t in d])))
     return out
+
+
+def _rows_of(group: list[PlannedTensor], name: str, quantized: set[str]) -> PlannedTensor | None:
+    """The planned 2-D float tensor ``name`` if its rows can be produced on their own, else None."""
+    t = next((t for t in group if t.name == name), None)
+    ok = t is not None and t.produce_rows is not None and len(t.shape) == 2 and name not in quantized
+    return t if ok else None
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:

@@ -178,6 +178,34 @@ def test_sharded_output_loads_identically(run_factory, tmp_path):
     assert max_diff(_logits(_hf_load(out), ids), reference_logits(run.checkpoints["final"], ids)) <= 1e-5
 
 
+def test_each_shard_is_flushed_to_disk_off_the_writing_thread(run_factory, tmp_path, monkeypatch):
+    """The writer never waits on the disk: a finished shard is fsynced by the hashing worker while
+    the next one is produced, and everything is fsynced again before the rename."""
+    import threading
+
+    run = run_factory("llama", "dense_lora")
+    synced: list[tuple[str, str]] = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), threading.current_thread().name))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    out = tmp_path / "sharded"
+    _export(run, out, max_shard_size="60KB", verify=False)
+    monkeypatch.undo()
+    shards = sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 3
+    early = [(Path(path).name, thread) for path, thread in synced if Path(path).name in shards]
+    # each shard twice: once by the hashing worker as it completes, once in the final fsync of the folder
+    for shard in shards:
+        threads = [t for name, t in early if name == shard]
+        assert len(threads) == 2 and threads[0].startswith("efexport-hash"), (shard, threads)
+    assert threading.main_thread().name in {t for _, t in early}
+    assert [n for n, t in early if t.startswith("efexport-hash")] == shards  # in the order written
+
+
 def test_bf16_source_keeps_its_dtype_and_merges_in_fp32(run_factory, tmp_path):
     run = run_factory("qwen3", "dense_lora", dtype=torch.bfloat16)
     out = tmp_path / "art"
@@ -202,7 +230,9 @@ def test_blockwise_merge_equals_the_whole_matrix_float32_merge(dtype):
     w0 = torch.randn(600, 320, generator=g).to(dtype)
     a, b = (torch.randn(8, 320, generator=g) * 0.05).to(dtype), (torch.randn(600, 8, generator=g) * 0.05).to(dtype)
     merged = merge_lora(w0, a, b, 2.5)
-    expected = merge_lora_f32(w0, a, b, 2.5).to(dtype)  # one addmm over the whole matrix
+    whole = torch.addmm(w0.float(), b.float(), a.float(), alpha=2.5)  # one addmm over the whole matrix
+    assert torch.equal(merge_lora_f32(w0, a, b, 2.5).view(torch.int32), whole.view(torch.int32))
+    expected = whole.to(dtype)
     assert not torch.equal(expected, w0)  # the update is not lost in the rounding
     assert merged.dtype == dtype and merged.shape == w0.shape
     assert torch.equal(merged, expected)

@@ -140,6 +140,60 @@ def test_the_reference_is_never_built_whole(run_factory, tmp_path, monkeypatch):
     assert len(layer_calls) == 6 and len({c[0].split(".")[2] for c in layer_calls}) == 6
 
 
+def _spy_reads(monkeypatch) -> list[tuple[str, int | None]]:
+    """(name, rows) of every tensor read from safetensors files from now on (None: read whole)."""
+    from converter.source.safetensors import TensorSource
+
+    reads: list[tuple[str, int | None]] = []
+    get, rows = TensorSource.get, TensorSource.get_rows
+    monkeypatch.setattr(TensorSource, "get", lambda self, n: reads.append((n, None)) or get(self, n))
+    monkeypatch.setattr(TensorSource, "get_rows",
+                        lambda self, n, a, b: reads.append((n, min(b, self.shape(n)[0]) - a)) or rows(self, n, a, b))
+    return reads
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_the_vocabulary_matrices_are_read_a_block_of_rows_at_a_time(run_factory, tmp_path, monkeypatch, tied):
+    """Embedding: only the probe ids' rows; head: HEAD_ROWS rows per matmul; the logits unchanged.
+
+    (Blocks of 64+ rows give bit-identical logits here; 7-row blocks took another GEMM kernel, 2e-6 apart.)
+    """
+    from converter.pipeline import open_pipeline
+
+    run = run_factory("qwen3", "dense_lora", tie_word_embeddings=tied)
+    out = tmp_path / "art"
+    export(ExportOptions(run=str(run.path), out=out, progress=False, precision="bf16", verify=False))
+    batches, whole_ref = _whole_reference(run)
+    whole_cand = parity.logits_of(load_weights(out, "dense", "bf16", torch.device("cpu"), None), batches)
+    vocab = whole_ref[0].shape[-1]
+    ids = len(torch.unique(torch.cat([b.flatten() for b in batches])))
+    monkeypatch.setattr(streaming, "HEAD_ROWS", 64)
+    vocab_names = {"model.embed_tokens.weight", "lm_head.weight"}
+    for side, whole in (("source", whole_ref), ("artifact", whole_cand)):
+        reads = _spy_reads(monkeypatch)
+        if side == "source":
+            with open_pipeline(str(run.path), "final", for_loading=True) as pipe:
+                model = streaming.streamed_model(pipe.target.hf_config, pipe.target.structure,
+                                                 pipe.planned(None, torch.float32))
+                streamed = parity.logits_of(model, batches)
+        else:
+            with streaming.artifact_stream(out) as model:
+                streamed = parity.logits_of(model, batches)
+        monkeypatch.undo()
+        assert _maxdiff(streamed, whole) <= TOL, side
+        vocab_reads = [(n, k) for n, k in reads if n in vocab_names]
+        assert all(k is not None for _, k in vocab_reads), (side, vocab_reads)  # never read whole
+        embed = [k for n, k in vocab_reads if n == "model.embed_tokens.weight"]
+        head = [k for n, k in vocab_reads if n == ("model.embed_tokens.weight" if tied else "lm_head.weight")]
+        if tied:  # one row per probe id, then the head's blocks
+            assert embed[:ids] == [1] * ids and embed[ids:] == head[ids:]
+            head = head[ids:]
+        else:
+            assert embed == [1] * ids
+        assert max(head) == 64 and len(head) > 1 and sum(head) == vocab, (side, head)
+        monkeypatch.setattr(streaming, "HEAD_ROWS", 64)
+
+
 def test_streamed_model_puts_every_weight_back_on_meta(run_factory):
     from converter.pipeline import open_pipeline
 
@@ -150,6 +204,18 @@ def test_streamed_model_puts_every_weight_back_on_meta(run_factory):
         first = parity.logits_of(model, batches)
         assert all(p.is_meta for p in model.model.parameters())
         assert _maxdiff(first, parity.logits_of(model, batches)) == 0.0  # reusable: the layers are back in place
+
+
+def test_freed_memory_is_handed_back_after_the_embedding_and_every_layer(run_factory, monkeypatch):
+    from converter.pipeline import open_pipeline
+
+    run = run_factory("qwen3", "dense_lora", config_overrides={"num_hidden_layers": 6})
+    held: list[int] = []
+    with open_pipeline(str(run.path), "final", for_loading=True) as pipe:
+        model = streaming.streamed_model(pipe.target.hf_config, pipe.target.structure, pipe.planned(None, torch.float32))
+        monkeypatch.setattr(streaming, "release_free_memory", lambda: held.append(_param_bytes(model.model)))
+        parity.logits_of(model, [torch.tensor([[1, 2, 3, 4]])])
+    assert len(held) == 6 + 1 and held == [0] * 7  # each time, nothing of the model is still held
 
 
 def test_parity_is_skipped_only_when_one_layer_cannot_fit(run_factory, tmp_path, monkeypatch):

@@ -26,7 +26,9 @@ def _module_name(path: Path, base: Path = ROOT) -> str:
 
 
 def _modules(folder: Path, base: Path = ROOT) -> dict[str, Path]:
-    return {_module_name(p, base): p for p in sorted(folder.rglob("*.py"))}
+    """Our own modules under ``folder`` (not benchmarks/_work, where the benchmarks unpack llama.cpp)."""
+    return {_module_name(p, base): p for p in sorted(folder.rglob("*.py"))
+            if "_work" not in p.relative_to(folder).parts}
 
 
 MODULES = _modules(PACKAGE)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ...errors import fail
+from ...memory import release_free_memory
 from ...plan import PlannedTensor
 from .checks import check_model
 from .config import SEE, n_experts, n_heads, n_kv_heads, n_layers
@@ -137,6 +138,7 @@ def write_stream(outs: list[OutTensor], w: Any, path: Path, progress: Callable[[
             w.write_tensor_data(data)  # type: ignore[arg-type]  # duck-typed: nbytes + tofile
             progress(int(data.nbytes))
             del data
+            release_free_memory()  # the next tensor's buffers come fresh instead of beside freed ones
     finally:
         w.close()
 
