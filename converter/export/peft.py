@@ -18,8 +18,7 @@ from ..pipeline import Pipeline
 from ..plan import PlannedTensor, TensorPlan, numel
 from ..quiet import quiet_libraries
 from ..sinks.model import build_model
-from ..sinks.peft import PEFT_PREFIX, adapter_plan, base_plan, lora_config, write_adapter
-from ..sinks.safetensors import write_shard
+from ..sinks.peft import PEFT_PREFIX, adapter_plan, base_plan, write_adapter
 from ..sinks.side_files import copy_side_files, public_base_model
 from .options import SEE, ExportOptions
 from .parity import measure_parity, require_tolerance
@@ -48,17 +47,8 @@ class PeftFormat:
 
     def write(self, prepared: Prepared, tmp: Path) -> dict[str, Any]:
         pipe = prepared.pipe
-        base_model = public_base_model(pipe.run.base_model)
-        saved = {t.name for t in vocabulary_plan(pipe)}
-        if saved:  # LoRA factors plus whole embedding and head: written here with modules_to_save
-            write_shard(tmp / "adapter_model.safetensors", prepared.plan)
-            lora = [t for t in prepared.plan if t.name not in saved]
-            config = lora_config(pipe.injection, base_model,
-                                 sorted({t.name.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for t in lora}))
-            config.modules_to_save = list(VOCAB_MODULES)
-            config.save_pretrained(str(tmp))
-        else:
-            write_adapter(prepared.plan, pipe.injection, base_model, tmp)
+        saved = list(VOCAB_MODULES) if vocabulary_plan(pipe) else None  # LoRA plus whole embedding and head
+        write_adapter(prepared.plan, pipe.injection, public_base_model(pipe.run.base_model), tmp, saved)
         copy_side_files(pipe.tokenizer_dir(), pipe.config_dirs(), tmp)
         parity = _parity(prepared, tmp) if prepared.opts.verify else {"skipped": "--no-verify"}
         require_tolerance(parity, "fp32", True, "adapter: with its base weights its logits")

@@ -46,11 +46,19 @@ def lora_config(inj: Injection, base_model: str | None, target_modules: list[str
     )
 
 
-def write_adapter(plan: TensorPlan, inj: Injection, base_model: str | None, dest: Path) -> None:
-    """adapter_model.safetensors and adapter_config.json into ``dest``."""
+def write_adapter(plan: TensorPlan, inj: Injection, base_model: str | None, dest: Path,
+                  modules_to_save: list[str] | None = None) -> None:
+    """adapter_model.safetensors and adapter_config.json into ``dest``.
+
+    ``modules_to_save``: whole modules the plan also carries (a resized embedding and head);
+    the LoRA targets are read off the plan's LoRA factors only.
+    """
     write_shard(dest / "adapter_model.safetensors", plan)
-    targets = sorted({t.name.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for t in plan})
-    lora_config(inj, base_model, targets).save_pretrained(str(dest))
+    targets = sorted({t.name.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for t in plan if ".lora_" in t.name})
+    config = lora_config(inj, base_model, targets)
+    if modules_to_save:
+        config.modules_to_save = list(modules_to_save)
+    config.save_pretrained(str(dest))
 
 
 def base_plan(pipe: Any) -> TensorPlan:
