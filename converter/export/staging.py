@@ -157,11 +157,16 @@ def new_tmp(out: Path) -> Path:
     return out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def fsync_file(path: Path) -> None:
+    """Flush one file's data to disk."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
 def fsync_tree(folder: Path) -> None:
     for p in folder.rglob("*"):
         if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(p)
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
